@@ -1,0 +1,1 @@
+"""Models: dilated ResNet backbones, DeepLab heads and decoders, built from a variant."""
