@@ -83,7 +83,10 @@ class TrialConfig:
 
     def flat(self) -> dict[str, Any]:
         """Every value as `section.key` (MLflow params, report grouping)."""
-        flat: dict[str, Any] = {"config_id": self.config_id}
+        flat: dict[str, Any] = {
+            "config_id": self.config_id,
+            "overrides": " ".join(f"{k}={v}" for k, v in self.overrides.items()),
+        }
         for section in ("data", "model", "train", "resources"):
             for key, value in dataclasses.asdict(getattr(self, section)).items():
                 flat[f"{section}.{key}"] = value
@@ -161,8 +164,12 @@ def parse_study(raw: dict[str, Any], where: str) -> StudyConfig:
         search_seed=_as_int(raw.get("search_seed", 0), f"{where}: search_seed"),
     )
     # Validate every configuration now, before any compute is spent.
-    for trial in expand_trials(study):
-        validate_trial(trial, where)
+    try:
+        for trial in expand_trials(study):
+            validate_trial(trial, where)
+    except SegdistError as err:
+        message = str(err)
+        raise SegdistError(message if message.startswith(where) else f"{where}: {message}") from None
     return study
 
 

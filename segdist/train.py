@@ -1,0 +1,221 @@
+"""The per-worker training loop: SGD/Adam with a poly schedule and head lr multipliers,
+an all-reduced validation confusion matrix every epoch, checkpoints and a NaN guard.
+
+`fit` knows nothing about Ray: it takes a rank, a world size and a `report` function, so
+the same loop runs under Ray Train (`ray_train_loop`), plain torch.distributed and tests.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
+
+from segdist.config import TrialConfig, trial_from_dict
+from segdist.data.classes import IGNORE_INDEX
+from segdist.data.stream import read_dataset_info, train_loader, val_loader
+from segdist.metrics import confusion_matrix, scores
+from segdist.models import build_model, describe_model, param_groups
+
+CHECKPOINT_FILE = "checkpoint.pt"
+# Read the running loss (a host sync) only this often, to keep the step asynchronous.
+LOSS_CHECK_EVERY = 10
+
+Report = Callable[[dict[str, Any], dict[str, Any] | None], None]
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite."""
+
+
+def make_optimizer(model: torch.nn.Module, trial: TrialConfig) -> torch.optim.Optimizer:
+    train = trial.train
+    groups = param_groups(model, lr=train.lr, head_lr_mult=train.head_lr_mult, weight_decay=train.weight_decay)
+    if train.optimizer == "adam":
+        return torch.optim.Adam(groups, lr=train.lr)
+    return torch.optim.SGD(groups, lr=train.lr, momentum=train.momentum)
+
+
+def poly_schedule(optimizer: torch.optim.Optimizer, total_steps: int, power: float):
+    """lr = base_lr * (1 - step / total_steps) ** power, per parameter group."""
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: max(0.0, 1.0 - step / total_steps) ** power
+    )
+
+
+def batches_per_epoch(num_samples: int, trial: TrialConfig, world_size: int) -> int:
+    """One epoch = `epoch_scale` passes over the training list, split over all ranks."""
+    global_batch = trial.train.batch_size * world_size
+    return max(1, math.ceil(trial.train.epoch_scale * num_samples / global_batch))
+
+
+def train_one_epoch(model, loader, optimizer, scheduler, device, epoch: int) -> float:
+    """One epoch; returns the mean training loss. Raises TrainingDiverged at once on NaN."""
+    model.train()
+    running = torch.zeros((), device=device)
+    steps = 0
+    for images, labels in loader:
+        images = images.to(device, non_blocking=True)
+        labels = labels.to(device, non_blocking=True)
+        logits = model(images)
+        loss = F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        running += loss.detach()
+        steps += 1
+        if steps % LOSS_CHECK_EVERY == 0 and not torch.isfinite(running):
+            raise TrainingDiverged(f"loss is not finite in epoch {epoch} by step {steps}")
+    mean_loss = float(running) / max(steps, 1)
+    if not math.isfinite(mean_loss):
+        raise TrainingDiverged(f"loss is not finite in epoch {epoch}")
+    return mean_loss
+
+
+@torch.inference_mode()
+def evaluate(model: torch.nn.Module, loader, num_classes: int, device) -> torch.Tensor:
+    """This rank's confusion matrix over its share of the validation set (no collectives)."""
+    model.eval()
+    confusion = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=device)
+    for images, labels in loader:
+        logits = model(images.to(device, non_blocking=True))
+        confusion += confusion_matrix(logits.argmax(1), labels.to(device), num_classes)
+    return confusion
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+def fit(
+    trial: TrialConfig,
+    *,
+    rank: int,
+    world_size: int,
+    device: torch.device,
+    report: Report,
+    resume: dict[str, Any] | None = None,
+) -> None:
+    """Train `trial` on this rank. `report(metrics, state)` is called once per epoch on
+    every rank; `state` (a checkpoint dict) is given on rank 0 only."""
+    started = time.time()
+    torch.manual_seed(trial.train.seed)
+    train_info = read_dataset_info(trial.data.train_shards)
+    val_info = read_dataset_info(trial.data.val_shards)
+    classes = train_info.classes
+    num_classes = len(classes)
+
+    model = build_model(trial.model, num_classes).to(device)
+    model_info = describe_model(model, num_classes, input_size=trial.train.crop_size) if rank == 0 else {}
+    ddp_model = (
+        DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+        if world_size > 1
+        else model
+    )
+    steps_per_epoch = batches_per_epoch(train_info.num_samples, trial, world_size)
+    optimizer = make_optimizer(model, trial)
+    scheduler = poly_schedule(optimizer, trial.train.epochs * steps_per_epoch, trial.train.poly_power)
+
+    start_epoch = 0
+    if resume is not None:
+        model.load_state_dict(resume["model"])
+        optimizer.load_state_dict(resume["optimizer"])
+        scheduler.load_state_dict(resume["scheduler"])
+        start_epoch = resume["epoch"] + 1
+
+    validation = val_loader(val_info, rank=rank, world_size=world_size, loader_workers=trial.data.loader_workers)
+    for epoch in range(start_epoch, trial.train.epochs):
+        epoch_start = time.time()
+        loader = train_loader(
+            train_info,
+            batch_size=trial.train.batch_size,
+            batches_per_epoch=steps_per_epoch,
+            crop_size=trial.train.crop_size,
+            scale_range=trial.train.scale_range,
+            seed=trial.train.seed,
+            epoch=epoch,
+            rank=rank,
+            world_size=world_size,
+            loader_workers=trial.data.loader_workers,
+            shuffle_buffer=trial.data.shuffle_buffer,
+        )
+        train_loss = train_one_epoch(ddp_model, loader, optimizer, scheduler, device, epoch)
+        train_time = time.time() - epoch_start
+        confusion = all_reduce_sum(evaluate(model, validation, num_classes, device))
+        result = scores(confusion.cpu())
+        metrics = {
+            "epoch": epoch,
+            "train_loss": all_reduce_mean(train_loss, device),
+            "val_miou": result["miou"],
+            "val_pixel_acc": result["pixel_acc"],
+            "val_mean_acc": result["mean_acc"],
+            **{f"val_iou_{name}": iou for name, iou in zip(classes, result["per_class_iou"])},
+            "lr": optimizer.param_groups[0]["lr"],
+            "train_images_per_s": steps_per_epoch * trial.train.batch_size * world_size / train_time,
+            "epoch_time_s": time.time() - epoch_start,
+            "worker_started_at": started,
+        }
+        if rank == 0 and epoch == start_epoch:
+            metrics.update({f"model_{key}": value for key, value in model_info.items()})
+        state = None
+        if rank == 0:
+            state = {
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "epoch": epoch,
+                "classes": list(classes),
+                "trial": dataclasses.asdict(trial),
+                "metrics": metrics,
+            }
+        report(metrics, state)
+
+
+def all_reduce_mean(value: float, device) -> float:
+    tensor = all_reduce_sum(torch.tensor(value, dtype=torch.float64, device=device))
+    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    return float(tensor) / world
+
+
+def ray_train_loop(config: dict[str, Any]) -> None:
+    """Ray Train's train_loop_per_worker: resume from Ray's checkpoint, report through Ray."""
+    import ray.train
+    import ray.train.torch
+
+    trial = trial_from_dict(config["trial"])
+    torch.set_num_threads(trial.resources.cpus_per_worker)
+    context = ray.train.get_context()
+    resume = None
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as directory:
+            resume = torch.load(Path(directory) / CHECKPOINT_FILE, map_location="cpu", weights_only=False)
+
+    def report(metrics: dict[str, Any], state: dict[str, Any] | None) -> None:
+        if state is None:
+            ray.train.report(metrics)
+            return
+        with tempfile.TemporaryDirectory() as directory:
+            torch.save(state, Path(directory) / CHECKPOINT_FILE)
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
+
+    fit(
+        trial,
+        rank=context.get_world_rank(),
+        world_size=context.get_world_size(),
+        device=ray.train.torch.get_device(),
+        report=report,
+        resume=resume,
+    )

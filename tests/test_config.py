@@ -1,0 +1,96 @@
+import pytest
+
+from segdist.config import expand_trials, load_study, parse_study, trial_from_dict
+from segdist.errors import SegdistError
+
+
+def study(**raw):
+    return parse_study(raw, "study.yaml")
+
+
+def test_seeds_repeat_every_configuration_with_the_same_values():
+    s = study(
+        seeds=[0, 1, 2],
+        samples=2,
+        search={"train.lr": {"loguniform": [1e-4, 1e-1]}, "model.variant": {"grid": ["naked", "aspp"]}},
+    )
+    trials = expand_trials(s)
+    assert len(trials) == 2 * 2 * 3
+    by_config = {}
+    for trial in trials:
+        by_config.setdefault(trial.config_id, []).append(trial)
+    assert len(by_config) == 4
+    for group in by_config.values():
+        assert sorted(t.train.seed for t in group) == [0, 1, 2]
+        assert len({(t.train.lr, t.model.variant) for t in group}) == 1
+
+
+def test_expansion_is_deterministic():
+    raw = dict(seeds=[0, 1], samples=3, search={"train.lr": {"loguniform": [1e-4, 1e-1]}})
+    first = [(t.config_id, t.train.lr) for t in expand_trials(study(**raw))]
+    again = [(t.config_id, t.train.lr) for t in expand_trials(study(**raw))]
+    assert first == again
+    assert len({lr for _, lr in first}) == 3
+
+
+def test_variant_training_tokens_override_the_study():
+    (trial,) = expand_trials(study(model={"variant": "naked.lr1.scale8.size64"}, train={"head_lr_mult": 10}))
+    assert trial.train.head_lr_mult == 1
+    assert trial.train.epoch_scale == 8
+    assert trial.train.crop_size == 64
+
+
+def test_yaml_scientific_notation_is_a_number():
+    (trial,) = expand_trials(study(train={"lr": "1e-3"}))
+    assert trial.train.lr == pytest.approx(1e-3)
+
+
+def test_trial_round_trips_through_a_plain_dict():
+    import dataclasses
+
+    (trial,) = expand_trials(study(train={"scale_range": [0.5, 2.0]}))
+    again = trial_from_dict(dataclasses.asdict(trial))
+    assert again == trial
+
+
+@pytest.mark.parametrize(
+    "raw, message",
+    [
+        ({"trian": {}}, "unknown top-level key 'trian'"),
+        ({"train": {"lrr": 1}}, "unknown key 'lrr'"),
+        ({"train": {"lr": "fast"}}, "expected a number"),
+        ({"train": {"epochs": 1.5}}, "expected an integer"),
+        ({"train": {"scale_range": [1.5, 0.5]}}, "scale_range"),
+        ({"model": {"variant": "naked.bogus"}}, "unknown token 'bogus'"),
+        ({"seeds": []}, "seeds must be a non-empty list"),
+        ({"seeds": [0, 0]}, "seeds repeat"),
+        ({"search": {"train.nope": {"grid": [1]}}}, "not a config value"),
+        ({"search": {"train.lr": {"sometimes": [1]}}}, "unknown kind"),
+        ({"search": {"train.lr": {"loguniform": [0, 1]}}}, "0 < low < high"),
+        ({"resources": {"workers": 0}}, "resources.workers"),
+    ],
+)
+def test_bad_study_values_are_one_clear_error(raw, message):
+    with pytest.raises(SegdistError, match=message) as err:
+        study(**raw)
+    assert "study.yaml" in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_broken_yaml_names_the_file_and_line(tmp_path):
+    path = tmp_path / "broken.yaml"
+    path.write_text("train:\n  lr: [0.1\n")
+    with pytest.raises(SegdistError, match=r"broken.yaml: broken YAML \(line"):
+        load_study(path)
+
+
+def test_missing_study_file(tmp_path):
+    with pytest.raises(SegdistError, match="study file not found"):
+        load_study(tmp_path / "nope.yaml")
+
+
+def test_every_shipped_study_parses():
+    from pathlib import Path
+
+    for path in sorted(Path(__file__).resolve().parent.parent.glob("tune_spaces/*.yaml")):
+        assert expand_trials(load_study(path))
