@@ -177,7 +177,10 @@ def run_study(study: StudyConfig, trials: list[TrialConfig], args: argparse.Name
     tracker.log_text(tracker.parent_run_id, Path(study.path).read_text(), "study.yaml")
     callback = MlflowTrialCallback(tracker)
     tuner = ray.tune.Tuner(
-        ray.tune.with_resources(run_trial, {"CPU": 0}),  # the workers hold the CPUs, not the driver fn
+        # The trial function only waits on its TorchTrainer, whose workers hold the CPUs.
+        # Tune refuses an empty request and its default (1 CPU) would starve the workers
+        # on a small machine, so it asks for a token byte of memory instead.
+        ray.tune.with_resources(run_trial, {"memory": 1}),
         param_space={
             "trial": ray.tune.grid_search([trial_params(t) for t in trials]),
             "storage": storage,
