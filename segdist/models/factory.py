@@ -17,11 +17,12 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from segdist.errors import SegdistError
+from segdist.models.fpn import FPNDecoder
 from segdist.models.heads import ASPPHead, NakedHead
 from segdist.models.resnet import ResNet, load_torchvision_weights
-from segdist.models.variant import Variant, parse_variant
-
-STAGES = ("stem", "res2", "res3", "res4", "res5")
+from segdist.models.sobel import EdgeInput, FixedSobel, LearnableSobel, StageExtras, learnable_sobel
+from segdist.models.variant import EDGE_STAGES, STAGES, Variant, parse_variant
 
 
 class SegModel(nn.Module):
@@ -78,18 +79,63 @@ class SegModel(nn.Module):
 
 def build_model(model_cfg, num_classes: int) -> SegModel:
     """A model for `model_cfg` (segdist.config.ModelConfig: variant, depth, width,
-    output_stride, norm, pretrained). Variant tokens that are not about the model
-    (lrN, scaleN, trimap, ...) are ignored here."""
+    output_stride, norm, pretrained) and `num_classes`.
+
+    The variant (segdist.models.variant) picks the decoder and the extra modules; its
+    training and label tokens (lrN, scaleN, trimap, ...) do not change the model.
+    FPN and GCN decoders always use the plain ResNet (output stride 32), whatever
+    `output_stride` says; `model.output_stride` tells which one was built.
+    BatchNorm in the decoders and extra modules is plain BatchNorm2d (SyncBatchNorm with
+    norm="sync"); norm="frozen" freezes only the backbone's (ImageNet) BN.
+    """
     variant = parse_variant(model_cfg.variant)
-    backbone = ResNet(model_cfg.depth, model_cfg.width, model_cfg.output_stride, model_cfg.norm)
+    if num_classes < 1:
+        raise SegdistError(f"num_classes must be at least 1, got {num_classes}")
+    output_stride = 32 if variant.multi_level else model_cfg.output_stride
+    backbone = ResNet(model_cfg.depth, model_cfg.width, output_stride, model_cfg.norm)
     if model_cfg.pretrained:
         load_torchvision_weights(backbone, model_cfg.pretrained)
-    c5 = backbone.channels[-1]
-    if variant.decoder == "aspp":
-        head: nn.Module = ASPPHead(c5, num_classes)
+
+    def make_learnable(channels: int) -> nn.Module:
+        return learnable_sobel(
+            channels, variant.learnable_sobel, variant.sobel_order, variant.sobel_relu, variant.sobel_init
+        )
+
+    extras: dict[str, nn.Module] = {}
+    for stage, channels in zip(STAGES, (model_cfg.width, *backbone.channels), strict=True):
+        parts: dict[str, nn.Module] = {}
+        if variant.edge_input is not None and stage in EDGE_STAGES:
+            parts["edge"] = EdgeInput(variant.edge_input, channels)
+        if stage in variant.fixed_sobel_at:
+            parts["sobel"] = FixedSobel(channels)
+        if stage in variant.learnable_sobel_at:
+            parts["learnable"] = make_learnable(channels)
+        if parts:
+            extras[stage] = StageExtras(**parts)
+
+    if variant.multi_level:
+        lateral_extra = make_learnable if "laterals" in variant.learnable_sobel_at else None
+        head: nn.Module = FPNDecoder(backbone.channels, num_classes, variant.decoder, lateral_extra)
+    elif variant.decoder == "aspp":
+        head = ASPPHead(backbone.channels[-1], num_classes)
     else:
-        head = NakedHead(c5, num_classes)
-    model = SegModel(backbone, head, variant, num_classes)
+        head = NakedHead(backbone.channels[-1], num_classes)
+    logit_module = None
+    if variant.spk:
+        masks = ("v", "h") if variant.spk == 2 else ("v", "h", "d1", "d2")
+        logit_module = LearnableSobel(
+            num_classes, channelwise=True, order=1, relu=False, init=variant.sobel_init, masks=masks
+        )
+    model = SegModel(
+        backbone,
+        head,
+        variant,
+        num_classes,
+        multi_level=variant.multi_level,
+        stage_extras=extras,
+        logit_module=logit_module,
+        needs_edges=variant.needs_edges,
+    )
     if model_cfg.norm == "sync":
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     return model
