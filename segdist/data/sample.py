@@ -1,0 +1,112 @@
+"""One labelled sample as the sources produce it, and the label checks every stage shares.
+
+A `Sample` holds the image exactly as it is stored in the source (the original JPEG or PNG
+bytes, never re-encoded unless the builder downscales) and the label as a uint8 HxW array of
+class indices (IGNORE_INDEX = 255 for void). Sources (voc.py, sbd.py, cityscapes.py) turn
+their own layouts into Samples; the shard writer and the streaming reader only see Samples.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image
+
+from segdist.data.classes import IGNORE_INDEX, voc_palette
+from segdist.errors import SegdistError
+
+
+@dataclass
+class Sample:
+    key: str  # unique id inside its split; no dots or slashes (webdataset splits on them)
+    image_bytes: bytes  # the encoded image as stored in the source
+    label: np.ndarray  # uint8 [H, W], values in {0..C-1, 255}
+    image_ext: str = "jpg"  # "jpg" or "png": how image_bytes is encoded
+    source: str = ""  # where the sample came from (a file path), for messages
+
+    @property
+    def height(self) -> int:
+        return int(self.label.shape[0])
+
+    @property
+    def width(self) -> int:
+        return int(self.label.shape[1])
+
+
+def invalid_label_lut(num_classes: int) -> np.ndarray:
+    """A 256-entry boolean table: True for label values outside {0..C-1, 255}."""
+    lut = np.ones(256, dtype=bool)
+    lut[:num_classes] = False
+    lut[IGNORE_INDEX] = False
+    return lut
+
+
+def check_label(label: np.ndarray, num_classes: int, where: str, lut: np.ndarray | None = None) -> None:
+    """Raise SegdistError naming `where` if the label holds a value outside {0..C-1, 255}."""
+    if label.dtype != np.uint8 or label.ndim != 2:
+        raise SegdistError(
+            f"{where}: label must be a single-channel 8-bit image, got {label.dtype} {label.shape}"
+        )
+    if lut is None:
+        lut = invalid_label_lut(num_classes)
+    bad = lut[label]
+    if bad.any():
+        values = sorted(int(v) for v in np.unique(label[bad])[:5])
+        raise SegdistError(
+            f"{where}: label value(s) {values} outside 0..{num_classes - 1} and {IGNORE_INDEX} "
+            f"({num_classes} classes)"
+        )
+
+
+def decode_label_png(data: bytes, where: str) -> np.ndarray:
+    """PNG bytes (palette 'P' or grayscale 'L') -> uint8 [H, W] of indices."""
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            if im.mode not in ("P", "L"):
+                raise SegdistError(
+                    f"{where}: label PNG has mode {im.mode}; expected a palette (P) or grayscale (L) image "
+                    "of class indices"
+                )
+            return np.asarray(im, dtype=np.uint8)
+    except SegdistError:
+        raise
+    except Exception as err:  # PIL raises many types for broken files
+        raise SegdistError(f"{where}: cannot decode label PNG ({err})") from None
+
+
+def encode_label_png(label: np.ndarray) -> bytes:
+    """uint8 [H, W] indices -> palette PNG bytes (VOC colour map), deterministic."""
+    label = np.ascontiguousarray(label, dtype=np.uint8)
+    im = Image.frombytes("P", (label.shape[1], label.shape[0]), label.tobytes())
+    im.putpalette(voc_palette())
+    buf = io.BytesIO()
+    im.save(buf, format="PNG", compress_level=6)
+    return buf.getvalue()
+
+
+def image_size(data: bytes, where: str) -> tuple[int, int]:
+    """(width, height) of encoded image bytes without decoding the pixels."""
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            return im.size
+    except Exception as err:
+        raise SegdistError(f"{where}: cannot read image ({err})") from None
+
+
+def decode_image(data: bytes, where: str) -> Image.Image:
+    """Encoded bytes -> decoded RGB PIL image; SegdistError naming `where` if broken."""
+    try:
+        im = Image.open(io.BytesIO(data))
+        im.load()
+    except Exception as err:
+        raise SegdistError(f"{where}: cannot decode image ({err})") from None
+    if im.mode != "RGB":
+        im = im.convert("RGB")
+    return im
+
+
+def check_key(key: str, where: str) -> None:
+    if not key or "." in key or "/" in key or "\\" in key:
+        raise SegdistError(f"{where}: sample key {key!r} must be non-empty and hold no '.', '/' or '\\'")

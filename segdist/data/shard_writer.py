@@ -1,0 +1,530 @@
+"""Write samples as webdataset .tar shards plus manifest.parquet and dataset.json.
+
+Layout of OUT_DIR (e.g. shards/voc/train):
+
+    train-000000.tar ...   webdataset shards; per sample KEY.jpg (or KEY.image.png for PNG
+                           sources) = image bytes, KEY.png = label palette PNG, KEY.json =
+                           {key, width, height, dataset, image, orig_width, orig_height}
+    manifest.parquet       one row per sample: key, shard, width, height, orig_width,
+                           orig_height, downscale, class_pixels (list, one count per class),
+                           ignore_pixels
+    dataset.json           dataset, split, classes, ignore_index, num_samples, shards,
+                           shard_sizes, class_pixels, class_frequency, image_mean, image_std,
+                           downscale, stats {skipped, skipped_keys}; written last: a folder
+                           with dataset.json is complete
+    _parts/                per-shard bookkeeping that makes an interrupted build resumable
+
+Every shard is written under a temporary name and renamed when complete, so a visible shard
+is always whole. A re-run skips shards whose bookkeeping says they hold the same keys built
+with the same settings. Tars are reproducible (fixed mtime, sorted members).
+
+Two entry points: `build_shards` (any iterable of Samples, one process) and
+`build_from_source` (a picklable source with keys()/load(key), many processes, on-bad
+policy, optional downscale).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import multiprocessing
+import os
+import re
+import signal
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import webdataset as wds
+from PIL import Image
+
+from segdist.data.classes import IGNORE_INDEX
+from segdist.data.sample import (
+    Sample,
+    check_key,
+    check_label,
+    decode_image,
+    encode_label_png,
+    invalid_label_lut,
+)
+from segdist.errors import SegdistError
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.parquet"
+DATASET_JSON = "dataset.json"
+PARTS = "_parts"
+
+
+class Source(Protocol):
+    """What build_from_source needs: picklable, keys() in a fixed order, load(key)."""
+
+    def keys(self) -> list[str]: ...
+
+    def load(self, key: str) -> Sample: ...
+
+
+@dataclass
+class BuildResult:
+    out_dir: Path
+    num_samples: int
+    shards: list[str]
+    written: int  # shards written by this call
+    reused: int  # shards kept from an earlier (interrupted) run
+    skipped_keys: list[str] = field(default_factory=list)
+
+
+# ----------------------------------------------------------------------------- samples
+
+
+def _image_ext(sample: Sample) -> str:
+    return "jpg" if sample.image_ext in ("jpg", "jpeg") else "image.png"
+
+
+def downscale_sample(sample: Sample, factor: float) -> Sample:
+    """Resize image (bilinear, re-encoded: JPEG q95 / PNG) and label (nearest) by factor."""
+    height, width = sample.label.shape
+    size = (max(1, round(width * factor)), max(1, round(height * factor)))
+    image = decode_image(sample.image_bytes, f"{sample.source} (sample {sample.key!r})")
+    image = image.resize(size, Image.BILINEAR)
+    buf = io.BytesIO()
+    if sample.image_ext in ("jpg", "jpeg"):
+        image.save(buf, format="JPEG", quality=95)
+    else:
+        image.save(buf, format="PNG", compress_level=6)
+    label = np.asarray(Image.fromarray(sample.label).resize(size, Image.NEAREST))
+    return Sample(sample.key, buf.getvalue(), label, sample.image_ext, sample.source)
+
+
+class _ShardAccumulator:
+    """Rows and statistics of one shard while it is written."""
+
+    def __init__(self, shard: str, num_classes: int) -> None:
+        self.shard = shard
+        self.num_classes = num_classes
+        self.lut = invalid_label_lut(num_classes)
+        self.rows: list[dict] = []
+        self.sum = np.zeros(3, dtype=np.float64)
+        self.sumsq = np.zeros(3, dtype=np.float64)
+        self.npix = 0
+
+    def add(self, sample: Sample, orig_size: tuple[int, int], downscale: float) -> tuple[dict, bytes]:
+        """Validate and measure one sample; returns the tar entry and the label PNG."""
+        where = f"{sample.source or sample.key} (sample {sample.key!r})"
+        check_key(sample.key, where)
+        check_label(sample.label, self.num_classes, where, self.lut)
+        image = decode_image(sample.image_bytes, where)
+        if (image.size[1], image.size[0]) != sample.label.shape:
+            raise SegdistError(
+                f"{where}: image is {image.size[0]}x{image.size[1]} but label is "
+                f"{sample.label.shape[1]}x{sample.label.shape[0]}"
+            )
+        rgb = np.asarray(image).reshape(-1, 3).astype(np.float64)
+        self.sum += rgb.sum(axis=0)
+        self.sumsq += np.einsum("ij,ij->j", rgb, rgb)
+        self.npix += rgb.shape[0]
+        counts = np.bincount(sample.label.ravel(), minlength=256)
+        height, width = sample.label.shape
+        self.rows.append(
+            {
+                "key": sample.key,
+                "shard": self.shard,
+                "width": width,
+                "height": height,
+                "orig_width": orig_size[0],
+                "orig_height": orig_size[1],
+                "downscale": downscale,
+                "class_pixels": [int(c) for c in counts[: self.num_classes]],
+                "ignore_pixels": int(counts[IGNORE_INDEX]),
+            }
+        )
+        return self.rows[-1], encode_label_png(sample.label)
+
+
+def _write_shard(
+    out_dir: Path,
+    shard: str,
+    samples: Iterable[Sample],
+    *,
+    dataset: str,
+    num_classes: int,
+    downscale: float,
+    on_bad: str,
+    chunk_keys: list[str] | None,
+    settings: dict,
+) -> dict:
+    """Write one shard (temp name, then rename) and its bookkeeping; return the part record."""
+    acc = _ShardAccumulator(shard, num_classes)
+    skipped: list[dict] = []
+    seen_keys: list[str] = []
+    tmp = out_dir / f".{shard}.tmp-{os.getpid()}"
+    try:
+        with open(tmp, "wb") as stream:
+            writer = wds.TarWriter(stream, encoder=False, mtime=0, user="segdist", group="segdist")
+            try:
+                for sample in samples:
+                    if isinstance(sample, _BadSample):
+                        seen_keys.append(sample.key)
+                        skipped.append({"key": sample.key, "reason": sample.reason})
+                        continue
+                    seen_keys.append(sample.key)
+                    try:
+                        orig = (sample.width, sample.height)
+                        if downscale != 1.0:
+                            sample = downscale_sample(sample, downscale)
+                        row, label_png = acc.add(sample, orig, downscale)
+                    except SegdistError as err:
+                        if on_bad == "skip":
+                            skipped.append({"key": sample.key, "reason": str(err)})
+                            continue
+                        raise
+                    meta = {
+                        "key": sample.key,
+                        "width": row["width"],
+                        "height": row["height"],
+                        "dataset": dataset,
+                        "image": _image_ext(sample),
+                        "orig_width": row["orig_width"],
+                        "orig_height": row["orig_height"],
+                    }
+                    writer.write(
+                        {
+                            "__key__": sample.key,
+                            _image_ext(sample): sample.image_bytes,
+                            "png": label_png,
+                            "json": json.dumps(meta, sort_keys=True).encode(),
+                        }
+                    )
+            finally:
+                writer.close()
+            stream.flush()
+            os.fsync(stream.fileno())
+        part = {
+            "shard": shard,
+            "keys": chunk_keys if chunk_keys is not None else seen_keys,
+            "settings": settings,
+            "rows": acc.rows,
+            "skipped": skipped,
+            "sum": acc.sum.tolist(),
+            "sumsq": acc.sumsq.tolist(),
+            "npix": acc.npix,
+        }
+        parts = out_dir / PARTS
+        parts.mkdir(exist_ok=True)
+        _atomic_write_text(parts / f"{shard}.json", json.dumps(part))
+        os.replace(tmp, out_dir / shard)
+        return part
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _load_part(out_dir: Path, shard: str, chunk_keys: list[str] | None, settings: dict) -> dict | None:
+    """The bookkeeping of a finished shard if it matches this build, else None."""
+    part_path = out_dir / PARTS / f"{shard}.json"
+    if not (out_dir / shard).is_file() or not part_path.is_file():
+        return None
+    try:
+        part = json.loads(part_path.read_text())
+    except (OSError, ValueError):
+        return None
+    if part.get("settings") != settings:
+        return None
+    if chunk_keys is not None and part.get("keys") != chunk_keys:
+        return None
+    return part
+
+
+def _shard_name(prefix: str, index: int) -> str:
+    return f"{prefix}-{index:06d}.tar"
+
+
+def _prepare_out_dir(out_dir: Path, prefix: str) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / DATASET_JSON).unlink(missing_ok=True)  # incomplete until the end of this build
+    for stale in out_dir.glob(f".{prefix}-*.tar.tmp-*"):
+        stale.unlink(missing_ok=True)
+
+
+def _finalize(
+    out_dir: Path,
+    prefix: str,
+    parts: list[dict],
+    *,
+    dataset: str,
+    classes: Sequence[str],
+    downscale: float,
+) -> BuildResult:
+    rows = [row for part in parts for row in part["rows"]]
+    skipped = [s for part in parts for s in part["skipped"]]
+    keys = [row["key"] for row in rows]
+    if len(set(keys)) != len(keys):
+        dup = next(k for k in keys if keys.count(k) > 1)
+        raise SegdistError(f"{out_dir}: sample key {dup!r} appears twice in this split")
+    if not rows:
+        raise SegdistError(f"{out_dir}: no samples were written (all {len(skipped)} skipped or none given)")
+    # Drop shards that an earlier build with other settings left behind.
+    names = [part["shard"] for part in parts]
+    pattern = re.compile(re.escape(prefix) + r"-\d{6}\.tar$")
+    for path in out_dir.iterdir():
+        if pattern.match(path.name) and path.name not in names:
+            path.unlink()
+            (out_dir / PARTS / f"{path.name}.json").unlink(missing_ok=True)
+
+    num_classes = len(classes)
+    class_pixels = np.array([row["class_pixels"] for row in rows], dtype=np.int64).sum(axis=0)
+    total = float(class_pixels.sum())
+    npix = sum(part["npix"] for part in parts)
+    mean = np.sum([part["sum"] for part in parts], axis=0) / npix
+    var = np.sum([part["sumsq"] for part in parts], axis=0) / npix - mean**2
+    std = np.sqrt(np.maximum(var, 0.0))
+    table = pa.table(
+        {
+            "key": pa.array(keys, pa.string()),
+            "shard": pa.array([row["shard"] for row in rows], pa.string()),
+            "width": pa.array([row["width"] for row in rows], pa.int32()),
+            "height": pa.array([row["height"] for row in rows], pa.int32()),
+            "orig_width": pa.array([row["orig_width"] for row in rows], pa.int32()),
+            "orig_height": pa.array([row["orig_height"] for row in rows], pa.int32()),
+            "downscale": pa.array([row["downscale"] for row in rows], pa.float32()),
+            "class_pixels": pa.array(
+                [row["class_pixels"] for row in rows], pa.list_(pa.int64(), num_classes)
+            ),
+            "ignore_pixels": pa.array([row["ignore_pixels"] for row in rows], pa.int64()),
+        }
+    )
+    tmp = out_dir / f".{MANIFEST}.tmp-{os.getpid()}"
+    pq.write_table(table, tmp)
+    os.replace(tmp, out_dir / MANIFEST)
+    info = {
+        "format_version": FORMAT_VERSION,
+        "dataset": dataset,
+        "split": prefix,
+        "classes": list(classes),
+        "ignore_index": IGNORE_INDEX,
+        "num_samples": len(rows),
+        "shards": names,
+        "shard_sizes": [len(part["rows"]) for part in parts],
+        "class_pixels": class_pixels.tolist(),
+        "class_frequency": (class_pixels / total).tolist() if total else [0.0] * num_classes,
+        "ignore_pixels": int(sum(row["ignore_pixels"] for row in rows)),
+        "image_mean": (mean / 255.0).tolist(),  # RGB in [0, 1], after any downscale
+        "image_std": (std / 255.0).tolist(),
+        "downscale": downscale,
+        "stats": {
+            "skipped": len(skipped),
+            "skipped_keys": [s["key"] for s in skipped],
+            "skipped_reasons": skipped,
+        },
+    }
+    _atomic_write_text(out_dir / DATASET_JSON, json.dumps(info, indent=1) + "\n")
+    return BuildResult(out_dir, len(rows), names, 0, 0, [s["key"] for s in skipped])
+
+
+def _check_common(classes: Sequence[str], shard_size: int, downscale: float, on_bad: str) -> None:
+    if not classes:
+        raise SegdistError("classes must not be empty")
+    if len(classes) > IGNORE_INDEX:
+        raise SegdistError(f"at most {IGNORE_INDEX} classes fit in an 8-bit label, got {len(classes)}")
+    if shard_size < 1:
+        raise SegdistError(f"shard size must be at least 1, got {shard_size}")
+    if not 0 < downscale <= 1:
+        raise SegdistError(f"downscale must be in (0, 1], got {downscale}")
+    if on_bad not in ("raise", "skip"):
+        raise SegdistError(f"on_bad must be 'raise' or 'skip', got {on_bad!r}")
+
+
+def _settings(dataset: str, classes: Sequence[str], downscale: float, shard_size: int) -> dict:
+    return {
+        "format_version": FORMAT_VERSION,
+        "dataset": dataset,
+        "classes": list(classes),
+        "downscale": downscale,
+        "shard_size": shard_size,
+    }
+
+
+# ----------------------------------------------------------------------------- one process
+
+
+def build_shards(
+    samples: Iterable[Sample],
+    out_dir: str | os.PathLike,
+    *,
+    dataset: str,
+    classes: Sequence[str],
+    max_samples_per_shard: int = 64,
+    prefix: str | None = None,
+    downscale: float = 1.0,
+    on_bad: str = "raise",
+) -> BuildResult:
+    """Write `samples` (in order) as shards PREFIX-000000.tar ... in OUT_DIR, in this process.
+
+    prefix defaults to OUT_DIR's name (shards/voc/train -> train-000000.tar). A bad sample
+    (label out of range, size mismatch, undecodable image) raises SegdistError naming it,
+    or is skipped, counted and listed in dataset.json with on_bad="skip". Errors raised by
+    the iterable itself always propagate.
+    """
+    out = Path(out_dir)
+    prefix = prefix or out.name
+    _check_common(classes, max_samples_per_shard, downscale, on_bad)
+    settings = _settings(dataset, classes, downscale, max_samples_per_shard)
+    _prepare_out_dir(out, prefix)
+    parts = []
+    written = reused = 0
+    iterator = iter(samples)
+    index = 0
+    while True:
+        chunk = []
+        for sample in iterator:
+            chunk.append(sample)
+            if len(chunk) == max_samples_per_shard:
+                break
+        if not chunk:
+            break
+        shard = _shard_name(prefix, index)
+        keys = [s.key for s in chunk]
+        part = _load_part(out, shard, keys, settings)
+        if part is None:
+            part = _write_shard(
+                out,
+                shard,
+                chunk,
+                dataset=dataset,
+                num_classes=len(classes),
+                downscale=downscale,
+                on_bad=on_bad,
+                chunk_keys=keys,
+                settings=settings,
+            )
+            written += 1
+        else:
+            reused += 1
+        parts.append(part)
+        index += 1
+    result = _finalize(out, prefix, parts, dataset=dataset, classes=classes, downscale=downscale)
+    result.written, result.reused = written, reused
+    return result
+
+
+# ----------------------------------------------------------------------------- many processes
+
+
+@dataclass
+class _BadSample:
+    key: str
+    reason: str
+
+
+def _load_samples(source: Source, keys: list[str], on_bad: str):
+    for key in keys:
+        try:
+            yield source.load(key)
+        except SegdistError as err:
+            if on_bad == "skip":
+                yield _BadSample(key, str(err))
+            else:
+                raise
+
+
+def _build_chunk(job: tuple) -> dict:
+    source, out_dir, shard, keys, dataset, num_classes, downscale, on_bad, settings = job
+    return _write_shard(
+        Path(out_dir),
+        shard,
+        _load_samples(source, keys, on_bad),
+        dataset=dataset,
+        num_classes=num_classes,
+        downscale=downscale,
+        on_bad=on_bad,
+        chunk_keys=keys,
+        settings=settings,
+    )
+
+
+def _worker_init() -> None:
+    # The parent handles Ctrl-C (terminates the pool); workers just die with it.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def build_from_source(
+    source: Source,
+    out_dir: str | os.PathLike,
+    *,
+    dataset: str,
+    classes: Sequence[str],
+    shard_size: int = 64,
+    prefix: str | None = None,
+    workers: int | None = None,
+    downscale: float = 1.0,
+    on_bad: str = "raise",
+    progress: Callable[[int, int], None] | None = None,
+) -> BuildResult:
+    """Build shards from a source's keys with `workers` processes (default: all cores).
+
+    Shard i holds keys[i*shard_size:(i+1)*shard_size] (minus skipped ones), so an
+    interrupted build resumes where it stopped: finished shards with the same keys and
+    settings are kept. progress(done, total) is called after every shard.
+    """
+    out = Path(out_dir)
+    prefix = prefix or out.name
+    _check_common(classes, shard_size, downscale, on_bad)
+    keys = source.keys()
+    if not keys:
+        raise SegdistError(f"{source}: no samples listed")
+    if len(set(keys)) != len(keys):
+        dup = next(k for k in keys if keys.count(k) > 1)
+        raise SegdistError(f"{source}: sample key {dup!r} listed twice")
+    settings = _settings(dataset, classes, downscale, shard_size)
+    _prepare_out_dir(out, prefix)
+    chunks = [keys[i : i + shard_size] for i in range(0, len(keys), shard_size)]
+    names = [_shard_name(prefix, i) for i in range(len(chunks))]
+    parts: dict[str, dict] = {}
+    jobs = []
+    for name, chunk in zip(names, chunks, strict=False):
+        part = _load_part(out, name, chunk, settings)
+        if part is not None:
+            parts[name] = part
+        else:
+            jobs.append((source, str(out), name, chunk, dataset, len(classes), downscale, on_bad, settings))
+    reused = len(parts)
+    workers = max(1, min(workers or os.cpu_count() or 1, len(jobs) or 1))
+    done = reused
+    if progress:
+        progress(done, len(chunks))
+    if workers == 1 or len(jobs) <= 1:
+        for job in jobs:
+            part = _build_chunk(job)
+            parts[part["shard"]] = part
+            done += 1
+            if progress:
+                progress(done, len(chunks))
+    else:
+        ctx = multiprocessing.get_context("spawn" if os.name == "nt" else "forkserver")
+        pool = ctx.Pool(workers, initializer=_worker_init)
+        try:
+            for part in pool.imap_unordered(_build_chunk, jobs):
+                parts[part["shard"]] = part
+                done += 1
+                if progress:
+                    progress(done, len(chunks))
+            pool.close()
+        except BaseException:
+            pool.terminate()
+            raise
+        finally:
+            pool.join()
+    result = _finalize(
+        out, prefix, [parts[n] for n in names], dataset=dataset, classes=classes, downscale=downscale
+    )
+    result.written, result.reused = len(jobs), reused
+    return result

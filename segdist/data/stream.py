@@ -1,0 +1,585 @@
+"""Stream shards into training and validation batches.
+
+Where the shards live: a local folder, a file:// URL, http(s)://, or any URL pyarrow.fs
+(s3://, gs://, hdfs://, abfs://) or fsspec understands; `pipe:CMD` (webdataset) too.
+
+Training (`train_loader`): every rank gets exactly `batches_per_epoch` batches, whatever the
+shard sizes, so DDP never waits on a rank that ran dry. The reading unit is a *slot* = one
+DataLoader worker of one rank (rank * loader_workers + worker). With at least as many shards
+as slots, each slot owns the shards shards[slot::slots]; with fewer, every slot reads all
+shards and keeps the samples whose global index is its own modulo the slot count. A slot
+repeats its part in a fresh random shard order as often as needed (resampling), passes the
+raw samples through a shuffle buffer, decodes, validates and augments them, and cuts
+batches. Everything random comes from (seed, epoch, rank, world_size, loader_workers,
+worker), so a loader built with the same arguments yields the same batches, byte for byte.
+
+Validation (`val_loader`): the same split into slots, one pass, no shuffling: every sample
+exactly once across all ranks, batch size 1, whole images.
+
+Bad data: a truncated tar, a sample without image or label, an undecodable image, a label
+value outside {0..C-1, 255} or an image/label size mismatch raise SegdistError naming the
+shard and the sample key; with on_bad_sample="skip" they are skipped and counted
+(`loader.num_skipped`, `loader.skipped_keys`), never dropped silently.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import tarfile
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import urlparse
+from urllib.request import url2pathname
+
+import numpy as np
+import torch
+import webdataset as wds
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from segdist.data.classes import IGNORE_INDEX
+from segdist.data.sample import check_label, decode_image, decode_label_png, invalid_label_lut
+from segdist.data.transforms import LABEL_MODES, EvalTransform, TrainTransform, as_size
+from segdist.errors import SegdistError
+
+DATASET_JSON = "dataset.json"
+_PYARROW_SCHEMES = {"s3", "gs", "gcs", "hdfs", "viewfs", "abfs", "abfss"}
+
+
+# ----------------------------------------------------------------------------- URLs
+
+
+def is_url(path: str) -> bool:
+    scheme = urlparse(str(path)).scheme
+    return len(scheme) > 1  # "C:" on Windows is a drive, not a scheme
+
+
+def join_url(base: str, name: str) -> str:
+    base = str(base)
+    if base.startswith("pipe:"):
+        raise SegdistError(f"{base}: a pipe: command cannot be a shard folder; list shards by URL instead")
+    if is_url(base):
+        return base.rstrip("/") + "/" + name
+    return str(Path(base) / name)
+
+
+def open_url(url: str):
+    """A binary, readable stream for a local path or URL (see the module docstring)."""
+    url = str(url)
+    parsed = urlparse(url)
+    scheme = parsed.scheme if len(parsed.scheme) > 1 else ""
+    try:
+        if scheme == "":
+            return open(url, "rb")
+        if scheme == "file":
+            return open(url2pathname(parsed.path), "rb")
+        if scheme in ("http", "https"):
+            return urllib.request.urlopen(url, timeout=60)
+        if scheme == "pipe":
+            return wds.gopen(url, "rb")
+        if scheme in _PYARROW_SCHEMES:
+            from pyarrow import fs as pafs
+
+            filesystem, path = pafs.FileSystem.from_uri(url)
+            return filesystem.open_input_stream(path)
+        import fsspec
+
+        return fsspec.open(url, "rb").open()
+    except FileNotFoundError:
+        raise SegdistError(f"{url}: not found") from None
+    except SegdistError:
+        raise
+    except Exception as err:
+        raise SegdistError(f"{url}: cannot open ({type(err).__name__}: {err})") from None
+
+
+# ----------------------------------------------------------------------------- dataset info
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    dataset: str
+    classes: tuple[str, ...]
+    num_samples: int
+    shards: tuple[str, ...]  # full paths or URLs
+    shard_sizes: tuple[int, ...]
+    ignore_index: int = IGNORE_INDEX
+    split: str = ""
+    root: str = ""
+    class_frequency: tuple[float, ...] = ()
+    image_mean: tuple[float, ...] = ()
+    image_std: tuple[float, ...] = ()
+    downscale: float = 1.0
+    stats: dict = field(default_factory=dict, compare=False, hash=False)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+
+def read_dataset_info(shard_dir: str | os.PathLike) -> DatasetInfo:
+    """Read SHARD_DIR/dataset.json (SHARD_DIR: local folder or URL)."""
+    shard_dir = str(shard_dir)
+    where = join_url(shard_dir, DATASET_JSON)
+    if not is_url(shard_dir):
+        local = Path(shard_dir)
+        if not local.is_dir():
+            raise SegdistError(f"no shards in {shard_dir}: folder not found")
+        if not (local / DATASET_JSON).is_file():
+            if any(local.glob("*.tar")):
+                raise SegdistError(
+                    f"{where}: missing; the build of {shard_dir} did not finish (re-run `python -m segdist.shards build`)"
+                )
+            raise SegdistError(f"no shards in {shard_dir}")
+    try:
+        with open_url(where) as stream:
+            meta = json.loads(stream.read().decode("utf-8"))
+    except SegdistError as err:
+        raise SegdistError(f"no shards in {shard_dir} ({err})") from None
+    except ValueError as err:
+        raise SegdistError(f"{where}: not valid JSON ({err})") from None
+    try:
+        names = list(meta["shards"])
+        sizes = [int(s) for s in meta.get("shard_sizes", [-1] * len(names))]
+        info = DatasetInfo(
+            dataset=str(meta["dataset"]),
+            classes=tuple(meta["classes"]),
+            num_samples=int(meta["num_samples"]),
+            shards=tuple(join_url(shard_dir, n) for n in names),
+            shard_sizes=tuple(sizes),
+            ignore_index=int(meta.get("ignore_index", IGNORE_INDEX)),
+            split=str(meta.get("split", "")),
+            root=shard_dir,
+            class_frequency=tuple(meta.get("class_frequency", ())),
+            image_mean=tuple(meta.get("image_mean", ())),
+            image_std=tuple(meta.get("image_std", ())),
+            downscale=float(meta.get("downscale", 1.0)),
+            stats=dict(meta.get("stats", {})),
+        )
+    except (KeyError, TypeError, ValueError) as err:
+        raise SegdistError(f"{where}: malformed ({type(err).__name__}: {err})") from None
+    if not info.shards or info.num_samples < 1:
+        raise SegdistError(f"no shards in {shard_dir} ({where} lists none)")
+    if len(info.shard_sizes) != len(info.shards):
+        raise SegdistError(f"{where}: shard_sizes does not match shards")
+    return info
+
+
+# ----------------------------------------------------------------------------- reading
+
+
+class ShardReadError(SegdistError):
+    """A shard that cannot be read to its end (truncated, corrupt, unreachable)."""
+
+
+def iter_shard(url: str, expected: int = -1) -> Iterator[dict]:
+    """Raw samples {__key__, __url__, jpg|image.png, png, json} of one shard, in order.
+
+    Raises ShardReadError naming the shard and the last good key if the tar is truncated or
+    corrupt, or holds fewer samples than `expected` (when >= 0).
+    """
+    state = {"last": None, "count": 0}
+
+    def files():
+        with open_url(url) as stream:
+            try:
+                for item in wds.tariterators.tar_file_iterator(stream):
+                    state["last"] = item["fname"]
+                    item["__url__"] = url
+                    yield item
+            except (tarfile.TarError, EOFError, OSError, ValueError) as err:
+                after = f"after {state['last']!r}" if state["last"] else "at its start"
+                raise ShardReadError(
+                    f"{url}: truncated or corrupt tar {after} ({err.args[0] if err.args else err})"
+                ) from None
+
+    for sample in wds.tariterators.group_by_keys(files()):
+        state["count"] += 1
+        yield sample
+    if 0 <= expected != state["count"]:
+        raise ShardReadError(
+            f"{url}: holds {state['count']} samples but dataset.json says {expected} "
+            f"(truncated or replaced shard; last member {state['last']!r})"
+        )
+
+
+def decode_sample(sample: dict, num_classes: int, lut: np.ndarray | None = None):
+    """Raw tar sample -> (key, PIL RGB image, uint8 label), validated."""
+    key = sample.get("__key__")
+    shard = sample.get("__url__", "?")
+    where = f"{shard} (sample {key!r})"
+    image_bytes = sample.get("jpg", sample.get("image.png"))
+    if image_bytes is None:
+        raise SegdistError(f"{where}: sample has no image (.jpg or .image.png)")
+    label_bytes = sample.get("png")
+    if label_bytes is None:
+        raise SegdistError(f"{where}: sample has no label (.png)")
+    image = decode_image(image_bytes, where)
+    label = decode_label_png(label_bytes, where)
+    if (image.size[1], image.size[0]) != label.shape:
+        raise SegdistError(
+            f"{where}: image is {image.size[0]}x{image.size[1]} but label is {label.shape[1]}x{label.shape[0]}"
+        )
+    check_label(label, num_classes, where, lut)
+    return key, image, label
+
+
+def _seed_state(*parts: int) -> np.random.SeedSequence:
+    return np.random.SeedSequence([int(p) & 0xFFFFFFFF for p in parts])
+
+
+@dataclass
+class _Slot:
+    index: int  # rank * workers + worker
+    count: int  # world_size * workers
+
+
+def _plan(info: DatasetInfo, slot: _Slot) -> tuple[list[int], bool]:
+    """Shard indices this slot reads, and whether samples are split by index instead."""
+    n = len(info.shards)
+    if n >= slot.count:
+        return list(range(slot.index, n, slot.count)), False
+    return list(range(n)), True
+
+
+def _shard_offsets(info: DatasetInfo) -> list[int]:
+    sizes = info.shard_sizes
+    if any(s < 0 for s in sizes):
+        raise SegdistError(f"{info.root}: dataset.json lacks shard sizes; rebuild the shards")
+    return [int(v) for v in np.cumsum([0, *sizes[:-1]])]
+
+
+class _SkipLog:
+    def __init__(self) -> None:
+        self.count = 0
+        self.new_keys: list[str] = []
+
+    def add(self, what: str) -> None:
+        self.count += 1
+        self.new_keys.append(what)
+
+    def take(self) -> dict:
+        keys, self.new_keys = self.new_keys, []
+        return {"skipped": self.count, "new_keys": tuple(keys)}
+
+
+def _slot_samples(
+    info: DatasetInfo,
+    slot: _Slot,
+    shard_ids: list[int],
+    by_index: bool,
+    order_rng: np.random.Generator | None,
+    on_bad: str,
+    log: _SkipLog,
+    repeat: bool,
+) -> Iterator[dict]:
+    """Raw samples of this slot: one pass in order (val) or endless shuffled passes (train)."""
+    offsets = _shard_offsets(info) if by_index else None
+    while True:
+        order = list(shard_ids)
+        if order_rng is not None:
+            order_rng.shuffle(order)
+        produced = 0
+        for k in order:
+            try:
+                for j, sample in enumerate(iter_shard(info.shards[k], info.shard_sizes[k])):
+                    if by_index and (offsets[k] + j) % slot.count != slot.index:
+                        continue
+                    produced += 1
+                    yield sample
+            except ShardReadError as err:
+                if on_bad != "skip":
+                    raise
+                log.add(f"{info.shards[k]}: {err}")
+        if not repeat:
+            return
+        if produced == 0:
+            raise SegdistError(
+                f"{info.root}: no readable samples for rank/worker slot {slot.index} of {slot.count} "
+                f"in shards {[os.path.basename(info.shards[k]) for k in shard_ids]}"
+            )
+
+
+def _decoded(samples, info: DatasetInfo, on_bad: str, log: _SkipLog):
+    lut = invalid_label_lut(info.num_classes)
+    for sample in samples:
+        try:
+            yield decode_sample(sample, info.num_classes, lut)
+        except SegdistError as err:
+            if on_bad != "skip":
+                raise
+            log.add(f"{sample.get('__url__', '?')}:{sample.get('__key__')}: {err}")
+
+
+def _check_on_bad(on_bad_sample: str) -> None:
+    if on_bad_sample not in ("raise", "skip"):
+        raise SegdistError(f"on_bad_sample must be 'raise' or 'skip', got {on_bad_sample!r}")
+
+
+def _worker_slot(rank: int, world_size: int, loader_workers: int) -> tuple[_Slot, int]:
+    wi = get_worker_info()
+    worker = wi.id if wi is not None else 0
+    workers = max(1, loader_workers)
+    return _Slot(rank * workers + worker, world_size * workers), worker
+
+
+class _TrainStream(IterableDataset):
+    def __init__(
+        self,
+        info,
+        *,
+        batch_size,
+        batches_per_epoch,
+        transform,
+        seed,
+        epoch,
+        rank,
+        world_size,
+        loader_workers,
+        shuffle_buffer,
+        on_bad_sample,
+    ):
+        self.info = info
+        self.batch_size = batch_size
+        self.batches_per_epoch = batches_per_epoch
+        self.transform = transform
+        self.seed, self.epoch = seed, epoch
+        self.rank, self.world_size = rank, world_size
+        self.loader_workers = loader_workers
+        self.shuffle_buffer = shuffle_buffer
+        self.on_bad = on_bad_sample
+
+    def __iter__(self):
+        slot, worker = _worker_slot(self.rank, self.world_size, self.loader_workers)
+        workers = max(1, self.loader_workers)
+        n_batches = self.batches_per_epoch // workers + (worker < self.batches_per_epoch % workers)
+        if n_batches == 0:
+            return
+        ss = _seed_state(self.seed, self.epoch, self.rank, self.world_size, workers, worker)
+        order_ss, shuffle_ss, aug_ss = ss.spawn(3)
+        shard_ids, by_index = _plan(self.info, slot)
+        log = _SkipLog()
+        raw = _slot_samples(
+            self.info,
+            slot,
+            shard_ids,
+            by_index,
+            np.random.default_rng(order_ss),
+            self.on_bad,
+            log,
+            repeat=True,
+        )
+        shuffle_rng = random.Random(int(shuffle_ss.generate_state(1)[0]))
+        buffer = max(1, self.shuffle_buffer)
+        shuffled = wds.filters._shuffle(raw, bufsize=buffer, initial=buffer, rng=shuffle_rng)
+        aug_rng = np.random.default_rng(aug_ss)
+        images, targets = [], []
+        done = 0
+        for _key, image, label in _decoded(shuffled, self.info, self.on_bad, log):
+            img, target = self.transform(image, label, aug_rng)
+            images.append(img)
+            targets.append(target)
+            if len(images) == self.batch_size:
+                batch_images = torch.from_numpy(np.stack(images))
+                batch_targets = torch.from_numpy(np.stack(targets))
+                if batch_targets.dtype == torch.uint8:
+                    batch_targets = batch_targets.long()
+                images, targets = [], []
+                yield batch_images, batch_targets, {"worker": worker, **log.take()}
+                done += 1
+                if done == n_batches:
+                    return
+
+
+class _ValStream(IterableDataset):
+    def __init__(self, info, *, rank, world_size, loader_workers, transform, on_bad_sample, with_keys):
+        self.info = info
+        self.rank, self.world_size = rank, world_size
+        self.loader_workers = loader_workers
+        self.transform = transform
+        self.on_bad = on_bad_sample
+        self.with_keys = with_keys
+
+    def __iter__(self):
+        slot, worker = _worker_slot(self.rank, self.world_size, self.loader_workers)
+        shard_ids, by_index = _plan(self.info, slot)
+        log = _SkipLog()
+        raw = _slot_samples(self.info, slot, shard_ids, by_index, None, self.on_bad, log, repeat=False)
+        for key, image, label in _decoded(raw, self.info, self.on_bad, log):
+            img, lab = self.transform(image, label)
+            out = (torch.from_numpy(img)[None], torch.from_numpy(lab.astype(np.int64))[None])
+            if self.with_keys:
+                out = out + (key,)
+            yield (*out, {"worker": worker, **log.take()})
+        meta = log.take()
+        if meta["new_keys"]:
+            # skips after the last good sample still have to reach the parent
+            yield ("__skips_only__", {"worker": worker, **meta})
+
+
+def _identity(x):
+    return x
+
+
+def _worker_init(_worker_id: int) -> None:
+    torch.set_num_threads(1)
+
+
+class StreamLoader:
+    """Iterate to get batches; also knows its length and how many samples were skipped.
+
+    Wraps a torch DataLoader (`.dataloader`). The counters are per iteration (per epoch).
+    """
+
+    def __init__(self, dataloader: DataLoader, length: int) -> None:
+        self.dataloader = dataloader
+        self.length = length
+        self._skipped: dict[int, int] = {}
+        self.skipped_keys: list[str] = []
+
+    def __len__(self) -> int:
+        return self.length
+
+    @property
+    def num_skipped(self) -> int:
+        return sum(self._skipped.values())
+
+    def __iter__(self):
+        self._skipped = {}
+        self.skipped_keys = []
+        for item in self.dataloader:
+            meta = item[-1]
+            self._skipped[meta["worker"]] = meta["skipped"]
+            self.skipped_keys.extend(meta["new_keys"])
+            if isinstance(item[0], str):  # ("__skips_only__", meta)
+                continue
+            yield tuple(item[:-1])
+
+
+def _make_loader(
+    dataset: IterableDataset, loader_workers: int, length: int, multiprocessing_context
+) -> StreamLoader:
+    kwargs = {}
+    if loader_workers > 0:
+        kwargs = dict(worker_init_fn=_worker_init, multiprocessing_context=multiprocessing_context)
+    dl = DataLoader(dataset, batch_size=None, num_workers=loader_workers, collate_fn=_identity, **kwargs)
+    return StreamLoader(dl, length)
+
+
+def _check_common(info: DatasetInfo, rank: int, world_size: int, loader_workers: int) -> None:
+    if not info.shards:
+        raise SegdistError(f"no shards in {info.root or 'the dataset'}: empty shard list")
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
+    if loader_workers < 0:
+        raise ValueError(f"loader_workers must be >= 0, got {loader_workers}")
+
+
+def train_loader(
+    info: DatasetInfo,
+    *,
+    batch_size: int,
+    batches_per_epoch: int,
+    crop_size: int | tuple[int, int],
+    scale_range: tuple[float, float],
+    seed: int,
+    epoch: int,
+    rank: int,
+    world_size: int,
+    loader_workers: int = 1,
+    shuffle_buffer: int = 256,
+    aspect_jitter: float = 0.0,
+    flip: bool = True,
+    label_mode: str = "hard",
+    edgemix_radius: int = 1,
+    edges: bool = False,
+    on_bad_sample: str = "raise",
+    multiprocessing_context=None,
+) -> StreamLoader:
+    """Exactly `batches_per_epoch` batches (images, targets) on every rank.
+
+    images: float32 [B, 3, h, w] normalised with IMAGENET_MEAN/STD (padding = 0), or
+    [B, 4, h, w] with edges=True (channel 3 = blurred Canny map in [0, 1], 0 in padding).
+    targets: int64 [B, h, w] in {0..C-1, 255} for label_mode "hard" and "trimap";
+    float32 [B, C, h, w] soft targets for "edgemix" (all zero at void pixels).
+    (h, w) = crop_size (an int or a (height, width) pair).
+    """
+    _check_common(info, rank, world_size, loader_workers)
+    _check_on_bad(on_bad_sample)
+    if batch_size < 1 or batches_per_epoch < 1:
+        raise ValueError("batch_size and batches_per_epoch must be at least 1")
+    if label_mode not in LABEL_MODES:
+        raise SegdistError(f"label_mode must be one of {', '.join(LABEL_MODES)}, got {label_mode!r}")
+    transform = TrainTransform(
+        as_size(crop_size),
+        tuple(scale_range),
+        aspect_jitter=aspect_jitter,
+        flip=flip,
+        label_mode=label_mode,
+        num_classes=info.num_classes,
+        edgemix_radius=edgemix_radius,
+        edges=edges,
+    )
+    dataset = _TrainStream(
+        info,
+        batch_size=batch_size,
+        batches_per_epoch=batches_per_epoch,
+        transform=transform,
+        seed=seed,
+        epoch=epoch,
+        rank=rank,
+        world_size=world_size,
+        loader_workers=loader_workers,
+        shuffle_buffer=shuffle_buffer,
+        on_bad_sample=on_bad_sample,
+    )
+    return _make_loader(dataset, loader_workers, batches_per_epoch, multiprocessing_context)
+
+
+def val_samples_per_rank(info: DatasetInfo, rank: int, world_size: int, loader_workers: int = 1) -> int:
+    """How many samples val_loader gives this rank (from dataset.json's shard sizes)."""
+    workers = max(1, loader_workers)
+    total = 0
+    for worker in range(workers):
+        slot = _Slot(rank * workers + worker, world_size * workers)
+        shard_ids, by_index = _plan(info, slot)
+        if not by_index:
+            total += sum(info.shard_sizes[k] for k in shard_ids)
+        else:
+            n = info.num_samples
+            total += len(range(slot.index, n, slot.count))
+    return total
+
+
+def val_loader(
+    info: DatasetInfo,
+    *,
+    rank: int,
+    world_size: int,
+    loader_workers: int = 1,
+    edges: bool = False,
+    on_bad_sample: str = "raise",
+    with_keys: bool = False,
+    multiprocessing_context=None,
+) -> StreamLoader:
+    """Whole images, batch size 1, each sample exactly once across all ranks.
+
+    Yields (image float32 [1, 3|4, H, W], label int64 [1, H, W]) (+ key when with_keys).
+    Ranks may get different counts (`val_samples_per_rank`).
+    """
+    _check_common(info, rank, world_size, loader_workers)
+    _check_on_bad(on_bad_sample)
+    dataset = _ValStream(
+        info,
+        rank=rank,
+        world_size=world_size,
+        loader_workers=loader_workers,
+        transform=EvalTransform(edges=edges),
+        on_bad_sample=on_bad_sample,
+        with_keys=with_keys,
+    )
+    length = val_samples_per_rank(info, rank, world_size, loader_workers)
+    return _make_loader(dataset, loader_workers, length, multiprocessing_context)

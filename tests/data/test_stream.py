@@ -1,0 +1,235 @@
+import io
+import json
+import shutil
+import tarfile
+from collections import Counter
+
+import numpy as np
+import pytest
+import torch
+
+from segdist.data.classes import SYNTHETIC_CLASSES
+from segdist.data.stream import read_dataset_info, train_loader, val_loader, val_samples_per_rank
+from segdist.errors import SegdistError
+
+
+def _train(info, **kw):
+    args = dict(
+        batch_size=2,
+        batches_per_epoch=3,
+        crop_size=24,
+        scale_range=(0.5, 1.5),
+        seed=0,
+        epoch=0,
+        rank=0,
+        world_size=1,
+        loader_workers=0,
+        shuffle_buffer=8,
+    )
+    args.update(kw)
+    return train_loader(info, **args)
+
+
+def _batches(loader):
+    return [tuple(t.clone() for t in batch) for batch in loader]
+
+
+def _same(a, b):
+    return len(a) == len(b) and all(
+        torch.equal(x, y) for ba, bb in zip(a, b, strict=False) for x, y in zip(ba, bb, strict=False)
+    )
+
+
+def test_read_dataset_info(synth_shards):
+    info = read_dataset_info(synth_shards["train"])
+    assert info.dataset == "synthetic" and info.classes == SYNTHETIC_CLASSES and info.num_classes == 6
+    assert info.num_samples == 13 and info.shard_sizes == (5, 5, 3)
+    assert all(s.startswith(str(synth_shards["train"])) and s.endswith(".tar") for s in info.shards)
+    info2 = read_dataset_info("file://" + str(synth_shards["train"]))
+    assert info2.shards[0].startswith("file://")
+
+
+def test_read_dataset_info_missing(tmp_path):
+    with pytest.raises(SegdistError, match="no shards in"):
+        read_dataset_info(tmp_path / "absent")
+    with pytest.raises(SegdistError, match="no shards in"):
+        read_dataset_info(tmp_path)
+    (tmp_path / "train-000000.tar").write_bytes(b"")
+    with pytest.raises(SegdistError, match="did not finish"):
+        read_dataset_info(tmp_path)
+
+
+def test_train_batches_shapes_and_values(synth_shards):
+    info = read_dataset_info(synth_shards["train"])
+    loader = _train(info, batches_per_epoch=4, crop_size=(20, 28))
+    batches = _batches(loader)
+    assert len(batches) == len(loader) == 4
+    for images, labels in batches:
+        assert images.shape == (2, 3, 20, 28) and images.dtype == torch.float32
+        assert labels.shape == (2, 20, 28) and labels.dtype == torch.int64
+        assert set(labels.unique().tolist()) <= set(range(6)) | {255}
+    assert loader.num_skipped == 0
+
+
+def test_train_is_deterministic_and_varies(synth_shards):
+    info = read_dataset_info(synth_shards["train"])
+    a = _batches(_train(info, loader_workers=2))
+    b = _batches(_train(info, loader_workers=2))
+    assert _same(a, b)
+    assert not _same(a, _batches(_train(info, loader_workers=2, epoch=1)))
+    assert not _same(a, _batches(_train(info, loader_workers=2, seed=1)))
+    r0 = _batches(_train(info, world_size=2, rank=0))
+    r1 = _batches(_train(info, world_size=2, rank=1))
+    assert not _same(r0, r1)
+    assert _same(_batches(_train(info, loader_workers=0)), _batches(_train(info, loader_workers=0)))
+
+
+@pytest.mark.parametrize("world_size,workers", [(1, 0), (2, 1), (3, 2), (2, 0)])
+def test_every_rank_gets_the_same_number_of_batches(synth_shards, world_size, workers):
+    # 3 shards of 5, 5, 3 samples: uneven, and fewer shards than slots when 3 ranks x 2 workers
+    info = read_dataset_info(synth_shards["train"])
+    for rank in range(world_size):
+        loader = _train(info, rank=rank, world_size=world_size, loader_workers=workers, batches_per_epoch=7)
+        assert sum(1 for _ in loader) == 7
+
+
+@pytest.mark.parametrize("world_size,workers", [(1, 0), (2, 1), (2, 2), (3, 1), (3, 2)])
+def test_val_sees_every_sample_exactly_once(synth_shards, world_size, workers):
+    info = read_dataset_info(synth_shards["val"])  # 7 samples in shards of 3, 3, 1
+    keys = Counter()
+    for rank in range(world_size):
+        loader = val_loader(info, rank=rank, world_size=world_size, loader_workers=workers, with_keys=True)
+        n = 0
+        for image, label, key in loader:
+            assert image.shape[:2] == (1, 3) and label.shape == (1, *image.shape[2:])
+            assert label.dtype == torch.int64
+            keys[key] += 1
+            n += 1
+        assert n == len(loader) == val_samples_per_rank(info, rank, world_size, workers)
+    assert keys == Counter({f"{i:06d}": 1 for i in range(13, 20)})
+
+
+def test_val_image_is_the_normalised_original(synth_root, synth_shards):
+    from PIL import Image
+
+    from segdist.data.transforms import normalize
+
+    info = read_dataset_info(synth_shards["val"])
+    image, label, key = next(iter(val_loader(info, rank=0, world_size=1, loader_workers=0, with_keys=True)))
+    rgb = np.asarray(Image.open(synth_root / "JPEGImages" / f"{key}.jpg").convert("RGB"))
+    np.testing.assert_array_equal(image[0].numpy(), normalize(rgb))
+    expected = np.asarray(Image.open(synth_root / "SegmentationClass" / f"{key}.png"))
+    np.testing.assert_array_equal(label[0].numpy(), expected)
+
+
+# ----------------------------------------------------------------------------- bad shards
+
+
+@pytest.fixture
+def val_copy(synth_shards, tmp_path):
+    out = tmp_path / "val"
+    shutil.copytree(synth_shards["val"], out)
+    return out
+
+
+def _rewrite_shard(path, edit):
+    """Rewrite a shard, passing (name, data) of every member through edit (None drops it)."""
+    with tarfile.open(path) as tar:
+        members = [(m.name, tar.extractfile(m).read()) for m in tar.getmembers()]
+    with tarfile.open(path, "w") as tar:
+        for name, data in members:
+            out = edit(name, data)
+            if out is None:
+                continue
+            info = tarfile.TarInfo(name)
+            info.size = len(out)
+            tar.addfile(info, io.BytesIO(out))
+
+
+def _label_png(shape, value):
+    from segdist.data.sample import encode_label_png
+
+    return encode_label_png(np.full(shape, value, np.uint8))
+
+
+def _all(info, on_bad="raise"):
+    loader = val_loader(info, rank=0, world_size=1, loader_workers=0, on_bad_sample=on_bad, with_keys=True)
+    return loader, [key for _, _, key in loader]
+
+
+def test_truncated_tar_names_the_shard(val_copy):
+    path = val_copy / "val-000001.tar"
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2 + 100])
+    info = read_dataset_info(val_copy)
+    with pytest.raises(SegdistError, match=r"val-000001\.tar.*truncated"):
+        _all(info)
+    loader, keys = _all(info, "skip")
+    assert loader.num_skipped == 1 and "val-000001.tar" in loader.skipped_keys[0]
+    assert {"000013", "000014", "000015", "000019"} <= set(keys)
+
+
+def test_sample_without_label_names_shard_and_key(val_copy):
+    _rewrite_shard(val_copy / "val-000000.tar", lambda n, d: None if n == "000014.png" else d)
+    info = read_dataset_info(val_copy)
+    with pytest.raises(SegdistError, match=r"val-000000\.tar \(sample '000014'\).*no label"):
+        _all(info)
+    loader, keys = _all(info, "skip")
+    assert loader.num_skipped == 1 and "000014" not in keys and len(keys) == 6
+
+
+def test_label_out_of_range_names_shard_and_key(val_copy):
+    seen = {}
+
+    def edit(name, data):
+        seen[name] = data
+        if name == "000016.png":  # members are sorted: 000016.json came first
+            meta = json.loads(seen["000016.json"])
+            return _label_png((meta["height"], meta["width"]), 6)
+        return data
+
+    _rewrite_shard(val_copy / "val-000001.tar", edit)
+    info = read_dataset_info(val_copy)
+    with pytest.raises(SegdistError, match=r"val-000001\.tar \(sample '000016'\).*\[6\]"):
+        _all(info)
+
+
+def test_size_mismatch_names_shard_and_key(val_copy):
+    _rewrite_shard(
+        val_copy / "val-000002.tar", lambda n, d: _label_png((5, 5), 0) if n.endswith(".png") else d
+    )
+    info = read_dataset_info(val_copy)
+    with pytest.raises(SegdistError, match=r"val-000002\.tar \(sample '000019'\).*5x5"):
+        _all(info)
+    loader = train_loader(
+        info,
+        batch_size=1,
+        batches_per_epoch=2,
+        crop_size=16,
+        scale_range=(1, 1),
+        seed=0,
+        epoch=0,
+        rank=0,
+        world_size=1,
+        loader_workers=0,
+        on_bad_sample="skip",
+    )
+    assert len(list(loader)) == 2 and loader.num_skipped >= 0
+
+
+def test_train_skip_mode_counts(val_copy):
+    _rewrite_shard(val_copy / "val-000000.tar", lambda n, d: None if n == "000014.png" else d)
+    info = read_dataset_info(val_copy)
+    with pytest.raises(SegdistError, match="'000014'"):
+        list(_train(info, batches_per_epoch=6))
+    loader = _train(info, batches_per_epoch=6, on_bad_sample="skip", loader_workers=2)
+    assert len(list(loader)) == 6
+    assert loader.num_skipped >= 1 and all("000014" in k for k in loader.skipped_keys)
+
+
+def test_empty_shard_list(synth_shards):
+    import dataclasses
+
+    info = dataclasses.replace(read_dataset_info(synth_shards["val"]), shards=(), shard_sizes=())
+    with pytest.raises(SegdistError, match="no shards"):
+        _train(info)
