@@ -95,3 +95,19 @@ def test_describe_tiny_counts_flops_without_touching_model():
     assert 0 < info["gflops"] < 1
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
     assert next(model.parameters()).device.type == "cpu"
+
+
+@pytest.mark.parametrize("variant", ["naked.fpn.learnable.sobel.resblock", "naked.gcn", "naked.edgescale.spk"])
+@pytest.mark.parametrize("norm", ["sync", "frozen"])
+def test_norm_options_with_decoders(variant, norm):
+    model = build_model(tiny(variant, norm=norm), num_classes=3)
+    if norm == "sync":
+        assert not any(type(m) is nn.BatchNorm2d for m in model.modules())
+    else:  # frozen: only the backbone's BN
+        assert all(not p.requires_grad for n, p in model.backbone.named_parameters() if ".bn" in n or n.startswith("bn"))
+        assert all(p.requires_grad for p in model.head.parameters())
+    images = torch.randn(2, 3, 33, 33)
+    out = model(images, torch.rand(2, 1, 33, 33)) if model.needs_edges else model(images)
+    out.sum().backward()
+    groups = param_groups(model, lr=0.1)
+    assert sum(len(g["params"]) for g in groups) == len([p for p in model.parameters() if p.requires_grad])
