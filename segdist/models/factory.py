@@ -20,7 +20,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from segdist.errors import SegdistError
 from segdist.models.fpn import FPNDecoder
 from segdist.models.heads import ASPPHead, NakedHead
-from segdist.models.resnet import ResNet, load_torchvision_weights
+from segdist.models.resnet import ResNet, convert_sync_batchnorm, load_torchvision_weights
 from segdist.models.sobel import EdgeInput, FixedSobel, LearnableSobel, StageExtras, learnable_sobel
 from segdist.models.variant import EDGE_STAGES, STAGES, Variant, parse_variant
 
@@ -86,7 +86,8 @@ def build_model(model_cfg, num_classes: int) -> SegModel:
     FPN and GCN decoders always use the plain ResNet (output stride 32), whatever
     `output_stride` says; `model.output_stride` tells which one was built.
     BatchNorm in the decoders and extra modules is plain BatchNorm2d (SyncBatchNorm with
-    norm="sync"); norm="frozen" freezes only the backbone's (ImageNet) BN.
+    norm="sync", which also works on CPU/gloo workers: resnet.SyncBatchNorm2d);
+    norm="frozen" freezes only the backbone's (ImageNet) BN.
     """
     variant = parse_variant(model_cfg.variant)
     if num_classes < 1:
@@ -137,7 +138,7 @@ def build_model(model_cfg, num_classes: int) -> SegModel:
         needs_edges=variant.needs_edges,
     )
     if model_cfg.norm == "sync":
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        model = convert_sync_batchnorm(model)
     return model
 
 

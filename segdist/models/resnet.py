@@ -49,6 +49,52 @@ class FrozenBatchNorm2d(nn.BatchNorm2d):
         return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps)
 
 
+class SyncBatchNorm2d(nn.SyncBatchNorm):
+    """nn.SyncBatchNorm that also synchronises CPU tensors (gloo DDP workers).
+
+    PyTorch's SyncBatchNorm raises on CPU input once a process group exists; here the
+    per-channel sum, sum of squares and count are all-reduced with the differentiable
+    torch.distributed.nn.functional.all_reduce instead. On GPU, or without a process
+    group, or in eval mode, it is exactly nn.SyncBatchNorm. Same state-dict keys.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        import torch.distributed as dist
+
+        if not (self.training and x.device.type == "cpu" and dist.is_available() and dist.is_initialized()):
+            return super().forward(x)
+        from torch.distributed.nn.functional import all_reduce
+
+        self._check_input_dim(x)
+        c = x.shape[1]
+        xf = x.float()
+        local = torch.cat([xf.sum((0, 2, 3)), (xf * xf).sum((0, 2, 3)), xf.new_full((1,), x.numel() // c)])
+        total = all_reduce(local, group=self.process_group or dist.group.WORLD)
+        count = total[-1]
+        mean = total[:c] / count
+        var = (total[c : 2 * c] / count - mean * mean).clamp_min(0)
+        if self.track_running_stats:
+            with torch.no_grad():
+                self.num_batches_tracked.add_(1)
+                m = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
+                unbiased = var * (count / (count - 1).clamp_min(1))
+                self.running_mean.mul_(1 - m).add_(mean.detach(), alpha=m)
+                self.running_var.mul_(1 - m).add_(unbiased.detach(), alpha=m)
+        y = (xf - mean.view(1, c, 1, 1)) * torch.rsqrt(var + self.eps).view(1, c, 1, 1)
+        if self.affine:
+            y = y * self.weight.view(1, c, 1, 1) + self.bias.view(1, c, 1, 1)
+        return y.to(x.dtype)
+
+
+def convert_sync_batchnorm(module: nn.Module, process_group=None) -> nn.Module:
+    """nn.SyncBatchNorm.convert_sync_batchnorm, with SyncBatchNorm2d (CPU-capable)."""
+    module = nn.SyncBatchNorm.convert_sync_batchnorm(module, process_group)
+    for m in module.modules():
+        if type(m) is nn.SyncBatchNorm:
+            m.__class__ = SyncBatchNorm2d
+    return module
+
+
 def norm_layer(kind: str):
     """The BatchNorm class for a norm kind. `sync` builds plain BatchNorm2d here; the
     factory converts the whole model with nn.SyncBatchNorm.convert_sync_batchnorm."""
