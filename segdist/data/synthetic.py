@@ -62,28 +62,29 @@ def _rotated(yy, xx, cy, cx, angle):
 
 
 def _shape_mask(cls: int, yy, xx, h, w, rng: np.random.Generator) -> np.ndarray:
+    f = min(h, w) / 112.0  # shape sizes are for ~112 px images; scale for other sizes
     cy, cx = rng.uniform(0.15 * h, 0.85 * h), rng.uniform(0.15 * w, 0.85 * w)
     angle = rng.uniform(0, np.pi)
     if cls == 1:  # disc
-        r = rng.uniform(10, 24)
+        r = f * rng.uniform(12, 26)
         return (yy - cy) ** 2 + (xx - cx) ** 2 <= r * r
     if cls == 2:  # bar: long and thin
-        length, thick = rng.uniform(40, 90), rng.uniform(5, 9)
+        length, thick = f * rng.uniform(50, 100), f * rng.uniform(10, 15)
         u, v = _rotated(yy, xx, cy, cx, angle)
         return (np.abs(u) <= length / 2) & (np.abs(v) <= thick / 2)
     if cls == 3:  # ring: thin wall
-        r_out = rng.uniform(14, 28)
-        r_in = r_out - rng.uniform(5, 8)
+        r_out = f * rng.uniform(18, 32)
+        r_in = r_out - f * rng.uniform(8, 12)
         d2 = (yy - cy) ** 2 + (xx - cx) ** 2
         return (d2 <= r_out * r_out) & (d2 >= r_in * r_in)
     if cls == 4:  # cross: two thin perpendicular arms
-        arm, thick = rng.uniform(18, 34), rng.uniform(5, 8)
+        arm, thick = f * rng.uniform(20, 38), f * rng.uniform(8, 12)
         u, v = _rotated(yy, xx, cy, cx, angle)
         return ((np.abs(u) <= arm) & (np.abs(v) <= thick / 2)) | (
             (np.abs(v) <= arm) & (np.abs(u) <= thick / 2)
         )
     if cls == 5:  # frame: square outline with thin sides
-        half, thick = rng.uniform(15, 30), rng.uniform(5, 8)
+        half, thick = f * rng.uniform(20, 36), f * rng.uniform(8, 12)
         u, v = _rotated(yy, xx, cy, cx, angle)
         m = np.maximum(np.abs(u), np.abs(v))
         return (m <= half) & (m >= half - thick)
@@ -110,15 +111,15 @@ def make_synthetic_sample(seed: int, index: int, min_size: int = 96, max_size: i
     yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
     rgb = _background(h, w, yy, xx, rng)
     label = np.zeros((h, w), dtype=np.uint8)
-    n_objects = int(rng.integers(1, 5))
+    n_objects = int(rng.integers(3, 7))
     for _ in range(n_objects):
         cls = int(rng.integers(1, len(SYNTHETIC_CLASSES)))
         mask = _shape_mask(cls, yy, xx, h, w, rng)
         hue_centre, texture = _CLASS_STYLE[cls]
         hue = (hue_centre + rng.uniform(-0.035, 0.035)) % 1.0
-        base = np.array(colorsys.hsv_to_rgb(hue, rng.uniform(0.65, 0.95), rng.uniform(0.6, 0.95))) * 255
+        base = np.array(colorsys.hsv_to_rgb(hue, rng.uniform(0.8, 1.0), rng.uniform(0.75, 1.0))) * 255
         tex = _texture(texture, yy, xx, rng)
-        obj = base[None, None, :] * (1.0 + 0.22 * tex[..., None])
+        obj = base[None, None, :] * (1.0 + 0.12 * tex[..., None])
         rgb[mask] = obj[mask]
         label[mask] = cls
     rgb = rgb + rng.normal(0, 6, size=rgb.shape)
