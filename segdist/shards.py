@@ -68,6 +68,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--root", required=True, help="dataset folder")
     p.add_argument("--split", required=True, help="split name, e.g. train, val (VOC/SBD also train_aug)")
     p.add_argument("--out", required=True, help="output folder, e.g. shards/voc/train")
+    p.add_argument(
+        "--sbd-root",
+        default=None,
+        help="with --split train_aug: the SBD folder (benchmark_RELEASE[/dataset]); without it, "
+        "ROOT/SegmentationClassAug/ is used",
+    )
     p.add_argument("--shard-size", type=_positive_int, default=64, help="samples per shard (default 64)")
     p.add_argument("--workers", type=_positive_int, default=None, help="processes (default: all cores)")
     p.add_argument(
@@ -117,7 +123,7 @@ def _cmd_build(args) -> int:
 
     if not os.path.isdir(args.root):
         raise SegdistError(f"{args.root}: dataset folder not found")
-    source = make_source(args.dataset, args.root, args.split)
+    source = make_source(args.dataset, args.root, args.split, sbd_root=args.sbd_root)
     start = time.perf_counter()
 
     def progress(done: int, total: int) -> None:
