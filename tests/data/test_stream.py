@@ -233,3 +233,47 @@ def test_empty_shard_list(synth_shards):
     info = dataclasses.replace(read_dataset_info(synth_shards["val"]), shards=(), shard_sizes=())
     with pytest.raises(SegdistError, match="no shards"):
         _train(info)
+
+
+def test_label_modes_and_edge_channel(synth_shards):
+    info = read_dataset_info(synth_shards["train"])
+    hard = _batches(_train(info))
+    trimap = _batches(_train(info, label_mode="trimap"))
+    for (_, h), (_, t) in zip(hard, trimap, strict=True):
+        assert t.dtype == torch.int64
+        assert torch.all((t == h) | (t == 255)) and (t == 255).sum() > (h == 255).sum()
+    images, soft = _batches(_train(info, label_mode="edgemix"))[0]
+    assert soft.shape == (2, 6, 24, 24) and soft.dtype == torch.float32
+    sums = soft.sum(1)
+    assert torch.all(((sums - 1).abs() < 1e-5) | (sums == 0))
+    images, labels = _batches(_train(info, edges=True))[0]
+    assert images.shape == (2, 4, 24, 24) and images[:, 3].min() >= 0 and images[:, 3].max() <= 1
+    assert torch.equal(images[:, :3], hard[0][0])  # same randomness: same RGB crops
+    val = read_dataset_info(synth_shards["val"])
+    image, label = next(iter(val_loader(val, rank=0, world_size=1, loader_workers=0, edges=True)))
+    assert image.shape[1] == 4
+
+
+def test_stream_over_http(synth_shards):
+    import functools
+    import http.server
+    import threading
+
+    handler = functools.partial(
+        http.server.SimpleHTTPRequestHandler, directory=str(synth_shards["val"].parent)
+    )
+    handler.log_message = lambda *a, **k: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/val"
+        info = read_dataset_info(url)
+        assert info.shards[0] == url + "/val-000000.tar"
+        keys = [k for _, _, k in val_loader(info, rank=0, world_size=1, loader_workers=0, with_keys=True)]
+        assert sorted(keys) == [f"{i:06d}" for i in range(13, 20)]
+        with pytest.raises(SegdistError, match="no shards in"):
+            read_dataset_info(url + "/missing")
+    finally:
+        server.shutdown()
+        server.server_close()
