@@ -49,6 +49,10 @@ def check_label(label: np.ndarray, num_classes: int, where: str, lut: np.ndarray
         raise SegdistError(
             f"{where}: label must be a single-channel 8-bit image, got {label.dtype} {label.shape}"
         )
+    # fast path: with uint8 wrap-around, values in [C, 254] become [0, 254 - C], while
+    # 0..C-1 become 256-C..255 and 255 becomes 255-C, so one subtraction and a min suffice.
+    if label.size == 0 or int((label - np.uint8(num_classes)).min()) >= IGNORE_INDEX - num_classes:
+        return
     if lut is None:
         lut = invalid_label_lut(num_classes)
     bad = lut[label]

@@ -27,7 +27,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import tarfile
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -42,6 +41,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from segdist.data.classes import IGNORE_INDEX
 from segdist.data.sample import check_label, decode_image, decode_label_png, invalid_label_lut
+from segdist.data.tarstream import TarFormatError, iter_tar
 from segdist.data.transforms import LABEL_MODES, EvalTransform, TrainTransform, as_size
 from segdist.errors import SegdistError
 
@@ -186,11 +186,10 @@ def iter_shard(url: str, expected: int = -1) -> Iterator[dict]:
     def files():
         with open_url(url) as stream:
             try:
-                for item in wds.tariterators.tar_file_iterator(stream):
-                    state["last"] = item["fname"]
-                    item["__url__"] = url
-                    yield item
-            except (tarfile.TarError, EOFError, OSError, ValueError) as err:
+                for name, data in iter_tar(stream):
+                    state["last"] = name
+                    yield {"fname": name, "data": data, "__url__": url}
+            except (TarFormatError, OSError, ValueError) as err:
                 after = f"after {state['last']!r}" if state["last"] else "at its start"
                 raise ShardReadError(
                     f"{url}: truncated or corrupt tar {after} ({err.args[0] if err.args else err})"
@@ -376,22 +375,38 @@ class _TrainStream(IterableDataset):
         buffer = max(1, self.shuffle_buffer)
         shuffled = wds.filters._shuffle(raw, bufsize=buffer, initial=buffer, rng=shuffle_rng)
         aug_rng = np.random.default_rng(aug_ss)
-        images, targets = [], []
-        done = 0
-        for _key, image, label in _decoded(shuffled, self.info, self.on_bad, log):
-            img, target = self.transform(image, label, aug_rng)
-            images.append(img)
-            targets.append(target)
-            if len(images) == self.batch_size:
-                batch_images = torch.from_numpy(np.stack(images))
-                batch_targets = torch.from_numpy(np.stack(targets))
-                if batch_targets.dtype == torch.uint8:
-                    batch_targets = batch_targets.long()
-                images, targets = [], []
-                yield batch_images, batch_targets, {"worker": worker, **log.take()}
-                done += 1
-                if done == n_batches:
-                    return
+        batches = make_batches(
+            _decoded(shuffled, self.info, self.on_bad, log), self.transform, self.batch_size, aug_rng
+        )
+        for done, (images, targets) in enumerate(batches, 1):
+            yield images, targets, {"worker": worker, **log.take()}
+            if done == n_batches:
+                return
+
+
+def make_batches(decoded, transform: TrainTransform, batch_size: int, rng: np.random.Generator):
+    """(key, PIL image, uint8 label) triples -> (images, targets) tensors of batch_size.
+
+    Each sample is augmented straight into its slot of the batch arrays (no stacking copy);
+    targets come out int64 (hard/trimap) or float32 (edgemix). A last partial batch is dropped.
+    """
+    target_dtype = np.float32 if transform.label_mode == "edgemix" else np.int64
+
+    def new_batch():
+        return (
+            np.empty((batch_size, transform.channels, *transform.crop), dtype=np.float32),
+            np.empty((batch_size, *transform.target_shape()), dtype=target_dtype),
+        )
+
+    images, targets = new_batch()
+    filled = 0
+    for _key, image, label in decoded:
+        transform(image, label, rng, out=(images[filled], targets[filled]))
+        filled += 1
+        if filled == batch_size:
+            yield torch.from_numpy(images), torch.from_numpy(targets)
+            images, targets = new_batch()
+            filled = 0
 
 
 class _ValStream(IterableDataset):

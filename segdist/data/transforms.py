@@ -34,10 +34,21 @@ _MEAN255 = np.array(IMAGENET_MEAN, dtype=np.float32) * 255.0
 _INV_STD255 = 1.0 / (np.array(IMAGENET_STD, dtype=np.float32) * 255.0)
 
 
-def normalize(rgb: np.ndarray) -> np.ndarray:
-    """uint8 [H, W, 3] RGB -> float32 [3, H, W] normalised with IMAGENET_MEAN/STD."""
-    out = (rgb.astype(np.float32) - _MEAN255) * _INV_STD255
-    return np.ascontiguousarray(out.transpose(2, 0, 1))
+# uint8 value -> normalised float32, one table per channel: a gather is ~3x faster than
+# (x - mean) / std in float arithmetic and gives the same numbers.
+_NORM_LUT = np.ascontiguousarray(((np.arange(256, dtype=np.float32)[:, None] - _MEAN255) * _INV_STD255).T)
+
+
+def normalize(rgb: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """uint8 [H, W, 3] RGB -> float32 [3, H, W] normalised with IMAGENET_MEAN/STD (into `out`)."""
+    if out is None:
+        out = np.empty((3,) + rgb.shape[:2], dtype=np.float32)
+    for c in range(3):
+        if out[c].flags.c_contiguous:
+            np.take(_NORM_LUT[c], rgb[..., c], out=out[c])
+        else:
+            out[c] = _NORM_LUT[c][rgb[..., c]]
+    return out
 
 
 def as_size(crop_size: int | tuple[int, int]) -> tuple[int, int]:
@@ -220,28 +231,56 @@ class TrainTransform:
         self.edgemix_radius = edgemix_radius
         self.edges = edges
 
-    def __call__(self, image: Image.Image, label: np.ndarray, rng: np.random.Generator):
+    @property
+    def channels(self) -> int:
+        return 4 if self.edges else 3
+
+    def target_shape(self) -> tuple[int, ...]:
+        ch, cw = self.crop
+        return (self.num_classes, ch, cw) if self.label_mode == "edgemix" else (ch, cw)
+
+    def target_dtype(self):
+        return np.float32 if self.label_mode == "edgemix" else np.uint8
+
+    def __call__(
+        self,
+        image: Image.Image,
+        label: np.ndarray,
+        rng: np.random.Generator,
+        out: tuple[np.ndarray, np.ndarray] | None = None,
+    ):
+        """Returns (image float32 [3|4, h, w], target); with `out` = (image, target) arrays
+        of those shapes (target may be any integer dtype in hard/trimap mode), writes into
+        them instead of allocating (the loader passes slices of its batch arrays)."""
         height, width = label.shape
         p = sample_crop_params(rng, height, width, self.crop, self.scale_range, self.aspect_jitter, self.flip)
         rgb, lab, (y0, x0, y1, x1) = resize_crop(image, label, p, self.crop)
         ch, cw = self.crop
-        channels = 4 if self.edges else 3
-        img_out = np.zeros((channels, ch, cw), dtype=np.float32)
-        img_out[:3, y0:y1, x0:x1] = normalize(rgb)
-        if self.edges:
-            img_out[3, y0:y1, x0:x1] = canny_edges(rgb)
+        if out is None:
+            img_out = np.empty((self.channels, ch, cw), dtype=np.float32)
+            target = np.empty(self.target_shape(), dtype=self.target_dtype())
+        else:
+            img_out, target = out
         if self.label_mode == "trimap":
             lab = trimap(lab)
-        if self.label_mode == "edgemix":
-            target = np.zeros((self.num_classes, ch, cw), dtype=np.float32)
-            target[:, y0:y1, x0:x1] = edgemix(lab, self.num_classes, self.edgemix_radius)
+        soft = edgemix(lab, self.num_classes, self.edgemix_radius) if self.label_mode == "edgemix" else None
+        edges = canny_edges(rgb) if self.edges else None
+        if p.flip:  # flip the valid part and mirror where it goes
+            rgb, lab = rgb[:, ::-1], lab[:, ::-1]
+            soft = soft[:, :, ::-1] if soft is not None else None
+            edges = edges[:, ::-1] if edges is not None else None
+            x0, x1 = cw - x1, cw - x0
+        if (y0, x0, y1, x1) != (0, 0, ch, cw):  # padding: image mean (= 0), label 255
+            img_out.fill(0.0)
+            target.fill(0 if soft is not None else IGNORE_INDEX)
+        normalize(rgb, out=img_out[:3, y0:y1, x0:x1])
+        if edges is not None:
+            img_out[3, y0:y1, x0:x1] = edges
+        if soft is not None:
+            target[:, y0:y1, x0:x1] = soft
         else:
-            target = np.full((ch, cw), IGNORE_INDEX, dtype=np.uint8)
             target[y0:y1, x0:x1] = lab
-        if p.flip:
-            img_out = img_out[..., ::-1]
-            target = target[..., ::-1]
-        return np.ascontiguousarray(img_out), np.ascontiguousarray(target)
+        return img_out, target
 
 
 class EvalTransform:
