@@ -6,12 +6,14 @@ Where the shards live: a local folder, a file:// URL, http(s)://, or any URL pya
 Training (`train_loader`): every rank gets exactly `batches_per_epoch` batches, whatever the
 shard sizes, so DDP never waits on a rank that ran dry. The reading unit is a *slot* = one
 DataLoader worker of one rank (rank * loader_workers + worker). With at least as many shards
-as slots, each slot owns the shards shards[slot::slots]; with fewer, every slot reads all
-shards and keeps the samples whose global index is its own modulo the slot count. A slot
-repeats its part in a fresh random shard order as often as needed (resampling), passes the
-raw samples through a shuffle buffer, decodes, validates and augments them, and cuts
-batches. Everything random comes from (seed, epoch, rank, world_size, loader_workers,
-worker), so a loader built with the same arguments yields the same batches, byte for byte.
+as slots, every pass over the data deals the shards out anew (a permutation shared by all
+slots; slot i takes every slots-th shard): disjoint within a pass, every shard reaching
+every slot over passes (resampling with a fixed epoch length). With fewer shards than slots,
+every slot reads all shards and keeps the samples whose global index is its own modulo the
+slot count. Raw samples pass through a shuffle buffer, are decoded, validated, augmented
+straight into the batch arrays. Everything random comes from (seed, epoch, rank,
+world_size, loader_workers, worker), so a loader built with the same arguments yields the
+same batches, byte for byte.
 
 Validation (`val_loader`): the same split into slots, one pass, no shuffling: every sample
 exactly once across all ranks, batch size 1, whole images.
@@ -274,11 +276,24 @@ def _slot_samples(
     on_bad: str,
     log: _SkipLog,
     repeat: bool,
+    pass_seed: tuple[int, ...] = (),
 ) -> Iterator[dict]:
-    """Raw samples of this slot: one pass in order (val) or endless shuffled passes (train)."""
+    """Raw samples of this slot: one pass in order (val), or endless passes (train).
+
+    Training passes (repeat=True) with at least as many shards as slots re-deal the shards
+    every pass: a permutation shared by all slots (from pass_seed and the pass number), this
+    slot taking every slot.count-th shard of it, read in this slot's own random order. So
+    within a pass the slots read disjoint shards, and over passes every shard reaches every
+    slot (uneven shard sizes do not bias which samples are seen most).
+    """
     offsets = _shard_offsets(info) if by_index else None
+    pass_no = empty_passes = 0
     while True:
-        order = list(shard_ids)
+        if repeat and not by_index:
+            deal = np.random.default_rng(_seed_state(*pass_seed, pass_no)).permutation(len(info.shards))
+            order = [int(k) for k in deal[slot.index :: slot.count]]
+        else:
+            order = list(shard_ids)
         if order_rng is not None:
             order_rng.shuffle(order)
         produced = 0
@@ -295,11 +310,13 @@ def _slot_samples(
                 log.add(f"{info.shards[k]}: {err}")
         if not repeat:
             return
-        if produced == 0:
+        empty_passes = empty_passes + 1 if produced == 0 else 0
+        if empty_passes and (by_index or empty_passes >= 8 or len(info.shards) == len(order)):
             raise SegdistError(
                 f"{info.root}: no readable samples for rank/worker slot {slot.index} of {slot.count} "
-                f"in shards {[os.path.basename(info.shards[k]) for k in shard_ids]}"
+                f"in shards {[os.path.basename(info.shards[k]) for k in order]}"
             )
+        pass_no += 1
 
 
 def _decoded(samples, info: DatasetInfo, on_bad: str, log: _SkipLog):
@@ -370,6 +387,7 @@ class _TrainStream(IterableDataset):
             self.on_bad,
             log,
             repeat=True,
+            pass_seed=(self.seed, self.epoch, self.world_size, workers),
         )
         shuffle_rng = random.Random(int(shuffle_ss.generate_state(1)[0]))
         buffer = max(1, self.shuffle_buffer)

@@ -277,3 +277,31 @@ def test_stream_over_http(synth_shards):
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_training_passes_re_deal_shards_across_slots(synth_shards):
+    from itertools import islice
+
+    from segdist.data.stream import _plan, _SkipLog, _Slot, _slot_samples
+
+    info = read_dataset_info(synth_shards["train"])  # 3 shards, 2 slots
+    per_slot = []
+    for index in range(2):
+        slot = _Slot(index, 2)
+        shard_ids, by_index = _plan(info, slot)
+        raw = _slot_samples(
+            info,
+            slot,
+            shard_ids,
+            by_index,
+            np.random.default_rng(index),
+            "raise",
+            _SkipLog(),
+            repeat=True,
+            pass_seed=(0, 0, 2, 1),
+        )
+        per_slot.append([s["__key__"] for s in islice(raw, 80)])
+    everything = {f"{i:06d}" for i in range(13)}
+    assert set(per_slot[0]) == everything and set(per_slot[1]) == everything
+    first_pass_0, first_pass_1 = per_slot[0][:3], per_slot[1][:3]
+    assert not set(first_pass_0) & set(first_pass_1)  # disjoint shards within a pass
