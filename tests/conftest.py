@@ -1,5 +1,19 @@
+"""Shared fixtures: a tiny sharded data set, study files, loopback servers."""
+
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
 import pytest
 import torch
+import yaml
+
+from segdist.data.synthetic import write_synthetic_voc
 
 torch.set_num_threads(1)
 
@@ -7,3 +21,88 @@ torch.set_num_threads(1)
 def pytest_collection_modifyitems(config, items):
     # Integration tests start Ray and MLflow processes; keep them last so unit failures show first.
     items.sort(key=lambda item: item.get_closest_marker("integration") is not None)
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def tiny_shards(tmp_path_factory):
+    """A tiny generated VOC-layout data set, sharded with the real VOC reader."""
+    base = tmp_path_factory.mktemp("tiny-data")
+    write_synthetic_voc(base / "voc", seed=0, n_train=24, n_val=8, min_size=40, max_size=56)
+    splits = []
+    for split in ("train", "val"):
+        out = base / "shards" / split
+        result = run_cli(["segdist.shards", "build", "--dataset", "synthetic", "--root", str(base / "voc"),
+                          "--split", split, "--out", str(out), "--shard-size", "8"], cwd=base)
+        assert result.returncode == 0, result.stderr
+        splits.append(out)
+    return tuple(splits)
+
+
+def write_study(path: Path, train: Path, val: Path, **overrides) -> Path:
+    """1 configuration x 2 seeds x 1 epoch x 2 workers, tiny model and images."""
+    study = {
+        "name": "tiny",
+        "data": {"train_shards": str(train), "val_shards": str(val), "loader_workers": 0},
+        "model": {"variant": "naked", "depth": 18, "width": 4, "output_stride": 8},
+        "train": {"epochs": 1, "batch_size": 2, "crop_size": 40, "scale_range": [0.8, 1.2], "lr": 0.01},
+        "resources": {"workers": 2, "cpus_per_worker": 1, "gpus_per_worker": 0, "max_concurrent_trials": 1},
+        "seeds": [0, 1],
+    }
+    for key, value in overrides.items():
+        section, _, name = key.partition("__")
+        if name:
+            study[section][name] = value
+        else:
+            study[section] = value
+    path.write_text(yaml.safe_dump(study))
+    return path
+
+
+def run_cli(args, cwd, env=None, timeout=600):
+    full_env = {**os.environ, **(env or {})}
+    if "RAY_ADDRESS" not in (env or {}):
+        full_env.pop("RAY_ADDRESS", None)  # always a fresh local Ray unless the test says otherwise
+    return subprocess.run(
+        [sys.executable, "-m", *args], cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout
+    )
+
+
+def wait_http(url: str, timeout_s: float = 60) -> None:
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        try:
+            with urllib.request.urlopen(url, timeout=2):
+                return
+        except OSError:
+            time.sleep(0.5)
+    raise TimeoutError(f"{url} did not answer within {timeout_s} s")
+
+
+@pytest.fixture
+def mlflow_server(tmp_path):
+    """A real `mlflow server` bound to 127.0.0.1."""
+    port = free_port()
+    store = tmp_path / "server"
+    store.mkdir()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+         "--backend-store-uri", f"sqlite:///{store / 'mlflow.db'}",
+         "--artifacts-destination", str(store / "artifacts"), "--workers", "1"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        wait_http(uri + "/health", timeout_s=90)
+        yield uri
+    finally:
+        process.terminate()
+        process.wait(timeout=30)

@@ -2,13 +2,17 @@
 store, then the same through `ray job submit` on a head + worker node on 127.0.0.1."""
 
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
+import urllib.error
+import urllib.request
 
 import pytest
 from mlflow.tracking import MlflowClient
 
-from tests.integration.conftest import ROOT, free_port, run_cli, write_study
+from tests.conftest import ROOT, free_port, run_cli, write_study
 
 pytestmark = pytest.mark.integration
 
@@ -71,23 +75,30 @@ def test_ray_job_submit_on_two_nodes_with_token_auth(tmp_path, tiny_shards, mlfl
     def ray_cli(*args, timeout=180):
         return subprocess.run([ray, *args], env=env, capture_output=True, text=True, timeout=timeout)
 
+    worker_temp = None
     head = ray_cli("start", "--head", "--node-ip-address=127.0.0.1", f"--port={gcs_port}",
                    "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}",
                    "--num-cpus=1", "--disable-usage-stats")
     try:
         assert head.returncode == 0, head.stderr[-2000:]
+        # Its own temp dir: two nodes on one machine would otherwise share runtime_resources/,
+        # and the worker node's clean-up would delete the job's working_dir under the driver.
+        worker_temp = tempfile.mkdtemp(prefix="rw-", dir="/tmp")  # short: raylet socket paths
         worker = ray_cli("start", f"--address=127.0.0.1:{gcs_port}", "--node-ip-address=127.0.0.1",
-                         "--num-cpus=1", "--disable-usage-stats")
+                         "--num-cpus=1", "--disable-usage-stats", f"--temp-dir={worker_temp}")
         assert worker.returncode == 0, worker.stderr[-2000:]
         dashboard = f"http://127.0.0.1:{dashboard_port}"
 
-        # Without the token the job server refuses the submission.
-        no_token = {k: v for k, v in env.items() if k != "RAY_AUTH_TOKEN"}
+        # The job server refuses a wrong token and a request without one.
         refused = subprocess.run(
             [ray, "job", "submit", "--address", dashboard, "--", "echo", "hi"],
-            env={**no_token, "HOME": str(tmp_path)}, capture_output=True, text=True, timeout=120,
+            env={**env, "RAY_AUTH_TOKEN": "not-the-cluster-token"}, capture_output=True, text=True, timeout=120,
         )
         assert refused.returncode != 0
+        assert "token is invalid" in refused.stdout + refused.stderr
+        with pytest.raises(urllib.error.HTTPError) as anonymous:
+            urllib.request.urlopen(dashboard + "/api/jobs/", timeout=10)
+        assert anonymous.value.code == 401
 
         job = ray_cli("job", "submit", "--address", dashboard, "--working-dir", str(ROOT), "--",
                       sys.executable, "-m", "segdist.tune", "--space", str(space),
@@ -97,4 +108,6 @@ def test_ray_job_submit_on_two_nodes_with_token_auth(tmp_path, tiny_shards, mlfl
         assert "2 trials" in job.stdout
     finally:
         ray_cli("stop", "--force")
+        if worker_temp:
+            shutil.rmtree(worker_temp, ignore_errors=True)
     assert_study_recorded(MlflowClient(mlflow_server))

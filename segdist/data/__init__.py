@@ -1,0 +1,1 @@
+"""Data: dataset sources, shard writing and streaming, paired transforms."""

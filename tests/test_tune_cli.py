@@ -1,0 +1,86 @@
+"""`python -m segdist.tune` refuses bad input with one line and exit 2, before training."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def tune(*args, cwd):
+    return subprocess.run([sys.executable, "-m", "segdist.tune", *args], cwd=cwd,
+                          capture_output=True, text=True, timeout=300)
+
+
+def write(path: Path, study: dict) -> Path:
+    path.write_text(yaml.safe_dump(study))
+    return path
+
+
+def assert_one_line_error(result, *fragments):
+    assert result.returncode == 2, result.stderr[-2000:]
+    lines = result.stderr.strip().splitlines()
+    errors = [line for line in lines if line.startswith("segdist: error: ")]
+    # Exactly one error line, and it is the last thing said (Ray may log before it).
+    assert len(errors) == 1 and lines[-1] == errors[0], result.stderr
+    assert "Traceback" not in result.stderr
+    for fragment in fragments:
+        assert fragment in errors[0]
+
+
+def test_dry_run_lists_every_configuration_and_seed(tmp_path):
+    space = write(tmp_path / "s.yaml", {"seeds": [0, 1, 2], "search": {"train.lr": {"grid": [0.1, 0.2]}}})
+    result = tune("--space", str(space), "--dry-run", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "6 trials (2 configurations x seeds)" in result.stdout
+    assert result.stdout.count("seed=2") == 2
+
+
+def test_default_space_is_the_quickstart(tmp_path):
+    result = tune("--dry-run", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "variant=naked" in result.stdout
+
+
+def test_broken_yaml(tmp_path):
+    space = tmp_path / "broken.yaml"
+    space.write_text("train: {lr: [0.1\n")
+    assert_one_line_error(tune("--space", str(space), cwd=tmp_path), "broken.yaml", "broken YAML")
+
+
+def test_unknown_key(tmp_path):
+    space = write(tmp_path / "s.yaml", {"train": {"learning_rate": 0.1}})
+    assert_one_line_error(tune("--space", str(space), cwd=tmp_path), "s.yaml", "unknown key 'learning_rate'")
+
+
+def test_missing_data_folder(tmp_path):
+    space = write(tmp_path / "s.yaml", {"data": {"train_shards": str(tmp_path / "nowhere"),
+                                                  "val_shards": str(tmp_path / "nowhere")}})
+    assert_one_line_error(tune("--space", str(space), cwd=tmp_path), "nowhere")
+
+
+def test_empty_data_folder(tmp_path):
+    (tmp_path / "empty").mkdir()
+    space = write(tmp_path / "s.yaml", {"data": {"train_shards": str(tmp_path / "empty"),
+                                                  "val_shards": str(tmp_path / "empty")}})
+    assert_one_line_error(tune("--space", str(space), cwd=tmp_path), "empty")
+
+
+def test_unreachable_mlflow_server(tmp_path):
+    space = write(tmp_path / "s.yaml", {})
+    result = tune("--space", str(space), "--tracking-uri", "http://127.0.0.1:9", cwd=tmp_path)
+    assert_one_line_error(result, "http://127.0.0.1:9", "unreachable")
+
+
+@pytest.mark.integration
+def test_resources_that_cannot_fit_fail_before_training(tmp_path, tiny_shards):
+    from tests.conftest import write_study
+
+    space = write_study(tmp_path / "big.yaml", *tiny_shards,
+                        resources={"workers": 64, "cpus_per_worker": 1, "gpus_per_worker": 0,
+                                   "max_concurrent_trials": 1})
+    result = tune("--space", str(space), cwd=tmp_path)
+    assert_one_line_error(result, "big.yaml", "resources do not fit", "64 CPUs per trial")
