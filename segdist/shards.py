@@ -65,7 +65,12 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["voc", "sbd", "cityscapes", "synthetic"],
         help="source layout (synthetic = the VOC layout written by `synth`)",
     )
-    p.add_argument("--root", required=True, help="dataset folder")
+    p.add_argument(
+        "--root",
+        required=True,
+        help="dataset folder: VOC2012 for voc/synthetic and for --split train_aug; SBD's "
+        "benchmark_RELEASE for sbd train/val; the folder holding leftImg8bit/ and gtFine/ for cityscapes",
+    )
     p.add_argument("--split", required=True, help="split name, e.g. train, val (VOC/SBD also train_aug)")
     p.add_argument("--out", required=True, help="output folder, e.g. shards/voc/train")
     p.add_argument(
