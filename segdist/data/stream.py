@@ -391,7 +391,7 @@ class _TrainStream(IterableDataset):
         )
         shuffle_rng = random.Random(int(shuffle_ss.generate_state(1)[0]))
         buffer = max(1, self.shuffle_buffer)
-        shuffled = wds.filters._shuffle(raw, bufsize=buffer, initial=buffer, rng=shuffle_rng)
+        shuffled = wds.shuffle(bufsize=buffer, initial=buffer, rng=shuffle_rng)(raw)
         aug_rng = np.random.default_rng(aug_ss)
         batches = make_batches(
             _decoded(shuffled, self.info, self.on_bad, log), self.transform, self.batch_size, aug_rng
