@@ -59,6 +59,12 @@ class TrainConfig:
     head_lr_mult: float = 10.0  # head weights x m, head biases x 2m
     poly_power: float = 0.9
     epoch_scale: float = 1.0  # one epoch = this many passes over the training list
+    aspect_jitter: float = 0.0  # random aspect-ratio change in random resize (original: 0.15)
+    precision: str = "fp32"  # fp32 | bf16 (autocast)
+    channels_last: bool = False
+    on_bad_sample: str = "raise"  # raise | skip (skips are counted and logged)
+    on_nan: str = "stop"  # stop: the trial ends as diverged; skip: drop the step, count it
+    max_failures: int = 0  # worker-group restarts from the last checkpoint
     seed: int = 0
 
 
@@ -183,7 +189,7 @@ def expand_trials(study: StudyConfig) -> list[TrialConfig]:
     for _ in range(study.samples if sampled else 1):
         draws = {d.key: _draw(d, rng) for d in sampled}
         for combo in itertools.product(*(d.values for d in grid)):
-            configs.append({**dict(zip((d.key for d in grid), combo)), **draws})
+            configs.append({**dict(zip((d.key for d in grid), combo, strict=True)), **draws})
     trials = []
     for overrides in configs:
         config = _apply_overrides(study.base, overrides)
@@ -207,6 +213,11 @@ def validate_trial(trial: TrialConfig, where: str) -> None:
         (train.lr > 0 and math.isfinite(train.lr), f"train.lr must be a positive number, got {train.lr}"),
         (train.optimizer in ("sgd", "adam"), f"train.optimizer must be sgd or adam, got {train.optimizer!r}"),
         (train.epoch_scale > 0, f"train.epoch_scale must be positive, got {train.epoch_scale}"),
+        (train.precision in ("fp32", "bf16"), f"train.precision must be fp32 or bf16, got {train.precision!r}"),
+        (train.on_bad_sample in ("raise", "skip"), f"train.on_bad_sample must be raise or skip, got {train.on_bad_sample!r}"),
+        (train.on_nan in ("stop", "skip"), f"train.on_nan must be stop or skip, got {train.on_nan!r}"),
+        (train.max_failures >= 0, f"train.max_failures must be >= 0, got {train.max_failures}"),
+        (0 <= train.aspect_jitter < 1, f"train.aspect_jitter must be in [0, 1), got {train.aspect_jitter}"),
         (model.depth in (18, 34, 50, 101, 152), f"model.depth must be 18, 34, 50, 101 or 152, got {model.depth}"),
         (model.output_stride in (8, 16, 32), f"model.output_stride must be 8, 16 or 32, got {model.output_stride}"),
         (model.norm in ("batch", "sync", "frozen"), f"model.norm must be batch, sync or frozen, got {model.norm!r}"),
@@ -270,7 +281,7 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
     if origin is tuple:
         if not isinstance(value, (list, tuple)) or len(value) != len(typing.get_args(hint)):
             raise SegdistError(f"{where}: expected a list of {len(typing.get_args(hint))} numbers, got {value!r}")
-        return tuple(_coerce(v, t, where) for v, t in zip(value, typing.get_args(hint)))
+        return tuple(_coerce(v, t, where) for v, t in zip(value, typing.get_args(hint), strict=True))
     if hint is dict or origin is dict:
         return dict(value)
     if hint is bool:

@@ -12,6 +12,7 @@ import math
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -58,37 +59,87 @@ def batches_per_epoch(num_samples: int, trial: TrialConfig, world_size: int) -> 
     return max(1, math.ceil(trial.train.epoch_scale * num_samples / global_batch))
 
 
-def train_one_epoch(model, loader, optimizer, scheduler, device, epoch: int) -> float:
-    """One epoch; returns the mean training loss. Raises TrainingDiverged at once on NaN."""
+def split_batch(images: torch.Tensor, needs_edges: bool):
+    """With edge variants the loader appends the Canny map as a 4th channel."""
+    if needs_edges:
+        return images[:, :3], images[:, 3:4]
+    return images, None
+
+
+def segmentation_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy on hard labels (255 ignored) or, for edgemix, on soft targets
+    (void pixels carry an all-zero target and are left out of the mean)."""
+    logits = logits.float()
+    if targets.dtype == torch.int64:
+        return F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX)
+    per_pixel = -(targets * F.log_softmax(logits, dim=1)).sum(dim=1)
+    valid = targets.sum(dim=1) > 0
+    return per_pixel[valid].sum() / valid.sum().clamp(min=1)
+
+
+@dataclass
+class StepOptions:
+    device: torch.device
+    needs_edges: bool = False
+    bf16: bool = False
+    channels_last: bool = False
+    skip_nan_steps: bool = False
+
+
+@dataclass
+class EpochStats:
+    mean_loss: float
+    steps: int
+    skipped_steps: int
+
+
+def train_one_epoch(model, loader, optimizer, scheduler, options: StepOptions, epoch: int) -> EpochStats:
+    """One epoch. A non-finite loss raises TrainingDiverged at once, or, with
+    `skip_nan_steps`, drops that step (its gradients, all-reduced, are non-finite on
+    every rank alike) and counts it."""
     model.train()
+    device = options.device
+    memory_format = torch.channels_last if options.channels_last else torch.contiguous_format
     running = torch.zeros((), device=device)
-    steps = 0
-    for images, labels in loader:
-        images = images.to(device, non_blocking=True)
-        labels = labels.to(device, non_blocking=True)
-        logits = model(images)
-        loss = F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX)
+    steps = skipped = 0
+    for images, targets in loader:
+        images = images.to(device, non_blocking=True).contiguous(memory_format=memory_format)
+        targets = targets.to(device, non_blocking=True)
+        images, edges = split_batch(images, options.needs_edges)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=options.bf16):
+            logits = model(images, edges) if edges is not None else model(images)
+        loss = segmentation_loss(logits, targets)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        steps += 1
+        if options.skip_nan_steps:
+            # Needs a host sync every step; only paid when the option is on.
+            if not all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None):
+                skipped += 1
+                optimizer.zero_grad(set_to_none=True)
+                scheduler.step()
+                continue
         optimizer.step()
         scheduler.step()
         running += loss.detach()
-        steps += 1
-        if steps % LOSS_CHECK_EVERY == 0 and not torch.isfinite(running):
+        if not options.skip_nan_steps and steps % LOSS_CHECK_EVERY == 0 and not torch.isfinite(running):
             raise TrainingDiverged(f"loss is not finite in epoch {epoch} by step {steps}")
-    mean_loss = float(running) / max(steps, 1)
+    mean_loss = float(running) / max(steps - skipped, 1)
     if not math.isfinite(mean_loss):
         raise TrainingDiverged(f"loss is not finite in epoch {epoch}")
-    return mean_loss
+    return EpochStats(mean_loss, steps, skipped)
 
 
 @torch.inference_mode()
-def evaluate(model: torch.nn.Module, loader, num_classes: int, device) -> torch.Tensor:
+def evaluate(model: torch.nn.Module, loader, num_classes: int, options: StepOptions) -> torch.Tensor:
     """This rank's confusion matrix over its share of the validation set (no collectives)."""
     model.eval()
+    device = options.device
     confusion = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=device)
     for images, labels in loader:
-        logits = model(images.to(device, non_blocking=True))
+        images, edges = split_batch(images.to(device, non_blocking=True), options.needs_edges)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=options.bf16):
+            logits = model(images, edges) if edges is not None else model(images)
         confusion += confusion_matrix(logits.argmax(1), labels.to(device), num_classes)
     return confusion
 
@@ -118,7 +169,19 @@ def fit(
     num_classes = len(classes)
 
     model = build_model(trial.model, num_classes).to(device)
+    variant = model.variant
     model_info = describe_model(model, num_classes, input_size=trial.train.crop_size) if rank == 0 else {}
+    # FPN/GCN decoders always run at output stride 32, whatever the config says.
+    model_info["output_stride"] = model.output_stride
+    options = StepOptions(
+        device=device,
+        needs_edges=model.needs_edges,
+        bf16=trial.train.precision == "bf16",
+        channels_last=trial.train.channels_last,
+        skip_nan_steps=trial.train.on_nan == "skip",
+    )
+    if options.channels_last:
+        model = model.to(memory_format=torch.channels_last)
     ddp_model = (
         DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
         if world_size > 1
@@ -135,7 +198,10 @@ def fit(
         scheduler.load_state_dict(resume["scheduler"])
         start_epoch = resume["epoch"] + 1
 
-    validation = val_loader(val_info, rank=rank, world_size=world_size, loader_workers=trial.data.loader_workers)
+    validation = val_loader(
+        val_info, rank=rank, world_size=world_size, loader_workers=trial.data.loader_workers,
+        edges=options.needs_edges, on_bad_sample=trial.train.on_bad_sample,
+    )
     for epoch in range(start_epoch, trial.train.epochs):
         epoch_start = time.time()
         loader = train_loader(
@@ -144,25 +210,36 @@ def fit(
             batches_per_epoch=steps_per_epoch,
             crop_size=trial.train.crop_size,
             scale_range=trial.train.scale_range,
+            aspect_jitter=trial.train.aspect_jitter,
             seed=trial.train.seed,
             epoch=epoch,
             rank=rank,
             world_size=world_size,
             loader_workers=trial.data.loader_workers,
             shuffle_buffer=trial.data.shuffle_buffer,
+            label_mode=variant.label_mode,
+            edgemix_radius=variant.edgemix_radius,
+            edges=options.needs_edges,
+            on_bad_sample=trial.train.on_bad_sample,
         )
-        train_loss = train_one_epoch(ddp_model, loader, optimizer, scheduler, device, epoch)
+        stats = train_one_epoch(ddp_model, loader, optimizer, scheduler, options, epoch)
         train_time = time.time() - epoch_start
-        confusion = all_reduce_sum(evaluate(model, validation, num_classes, device))
+        confusion = all_reduce_sum(evaluate(model, validation, num_classes, options))
         result = scores(confusion.cpu())
+        counts = all_reduce_sum(torch.tensor(
+            [loader.num_skipped, validation.num_skipped, stats.skipped_steps], dtype=torch.int64, device=device
+        ))
         metrics = {
             "epoch": epoch,
-            "train_loss": all_reduce_mean(train_loss, device),
+            "train_loss": all_reduce_mean(stats.mean_loss, device),
             "val_miou": result["miou"],
             "val_pixel_acc": result["pixel_acc"],
             "val_mean_acc": result["mean_acc"],
-            **{f"val_iou_{name}": iou for name, iou in zip(classes, result["per_class_iou"])},
+            **{f"val_iou_{name}": iou for name, iou in zip(classes, result["per_class_iou"], strict=True)},
             "lr": optimizer.param_groups[0]["lr"],
+            "skipped_train_samples": int(counts[0]),
+            "skipped_val_samples": int(counts[1]),
+            "skipped_nan_steps": int(counts[2]),
             "train_images_per_s": steps_per_epoch * trial.train.batch_size * world_size / train_time,
             "epoch_time_s": time.time() - epoch_start,
             "worker_started_at": started,

@@ -1,0 +1,86 @@
+"""The per-worker loop without Ray: one process, world size 1, tiny shards."""
+
+import copy
+import dataclasses
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from segdist.config import expand_trials, parse_study
+from segdist.train import TrainingDiverged, fit, segmentation_loss
+
+
+def tiny_trial(train_shards, val_shards, **train):
+    raw = {
+        "data": {"train_shards": str(train_shards), "val_shards": str(val_shards), "loader_workers": 0},
+        "model": {"variant": "naked", "depth": 18, "width": 4, "output_stride": 8},
+        "train": {"epochs": 2, "batch_size": 2, "crop_size": 32, "scale_range": [0.8, 1.2], "lr": 0.01,
+                  **train},
+        "seeds": [0],
+    }
+    (trial,) = expand_trials(parse_study(raw, "tiny.yaml"))
+    return trial
+
+
+def run(trial, resume=None):
+    reports = []
+    fit(trial, rank=0, world_size=1, device=torch.device("cpu"),
+        # Snapshot the state as the Ray path does (torch.save at report time): state_dict()
+        # holds live tensors that later epochs keep changing.
+        report=lambda metrics, state: reports.append((metrics, copy.deepcopy(state))), resume=resume)
+    return reports
+
+
+def comparable(metrics):
+    timing = ("train_images_per_s", "epoch_time_s", "worker_started_at")
+    return {k: v for k, v in metrics.items() if k not in timing and not k.startswith("model_")}
+
+
+def test_fit_reports_every_epoch_with_metrics_and_a_checkpoint(tiny_shards):
+    reports = run(tiny_trial(*tiny_shards))
+    assert [m["epoch"] for m, _ in reports] == [0, 1]
+    first, state = reports[0]
+    for key in ("train_loss", "val_miou", "val_pixel_acc", "val_mean_acc", "val_iou_background",
+                "skipped_train_samples", "model_params", "model_size_mb", "model_output_stride"):
+        assert key in first, key
+    assert 0.0 <= first["val_miou"] <= 1.0
+    assert state["epoch"] == 0 and set(state) >= {"model", "optimizer", "scheduler", "classes", "trial"}
+    assert "model_params" not in reports[1][0]  # model facts once per run
+
+
+def test_same_seed_gives_identical_metrics_on_cpu(tiny_shards):
+    trial = tiny_trial(*tiny_shards, epochs=1)
+    first = [comparable(m) for m, _ in run(trial)]
+    again = [comparable(m) for m, _ in run(trial)]
+    assert first == again
+    other_seed = dataclasses.replace(trial, train=dataclasses.replace(trial.train, seed=1))
+    assert [comparable(m) for m, _ in run(other_seed)] != first
+
+
+def test_resuming_from_a_checkpoint_continues_exactly(tiny_shards):
+    trial = tiny_trial(*tiny_shards)
+    straight = run(trial)
+    resumed = run(trial, resume=straight[0][1])
+    assert [m["epoch"] for m, _ in resumed] == [1]
+    assert comparable(resumed[0][0]) == comparable(straight[1][0])
+
+
+def test_a_nan_loss_stops_the_trial(tiny_shards):
+    with pytest.raises(TrainingDiverged):
+        run(tiny_trial(*tiny_shards, lr=1e12, epochs=1))
+
+
+def test_skip_policy_drops_nan_steps_and_counts_them(tiny_shards):
+    reports = run(tiny_trial(*tiny_shards, lr=1e12, epochs=1, on_nan="skip"))
+    assert reports[0][0]["skipped_nan_steps"] > 0
+
+
+def test_soft_targets_equal_hard_cross_entropy_on_one_hot_labels():
+    torch.manual_seed(0)
+    logits = torch.randn(2, 3, 5, 5)
+    labels = torch.randint(0, 3, (2, 5, 5))
+    labels[0, 0, 0] = 255
+    soft = F.one_hot(labels.clamp(max=2), 3).permute(0, 3, 1, 2).float()
+    soft[0, :, 0, 0] = 0  # void pixel: all-zero soft target
+    assert torch.allclose(segmentation_loss(logits, soft), segmentation_loss(logits, labels))
