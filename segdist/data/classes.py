@@ -129,3 +129,17 @@ def cityscapes_train_id_lut() -> list[int]:
         if label_id >= 0 and 0 <= train_id < IGNORE_INDEX:
             lut[label_id] = train_id
     return lut
+
+
+def cityscapes_label_id_lut() -> list[int]:
+    """256 entries: trainId (0..18) -> labelId, for writing predictions in the official
+    format; every other value (IGNORE_INDEX included) -> 0 ("unlabeled")."""
+    lut = [0] * 256
+    for _name, label_id, train_id in CITYSCAPES_LABELS:
+        if label_id >= 0 and 0 <= train_id < IGNORE_INDEX:
+            lut[train_id] = label_id
+    return lut
+
+
+# labelIds a Cityscapes labelIds PNG may hold (0..33); anything else is not a labelId.
+CITYSCAPES_MAX_LABEL_ID = max(label_id for _name, label_id, _train in CITYSCAPES_LABELS)

@@ -1,0 +1,183 @@
+"""Scoring folders of label PNGs in the official formats; agreement with cityscapesscripts."""
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from segdist.data.classes import CITYSCAPES_CLASSES, CITYSCAPES_LABELS, cityscapes_train_id_lut, voc_palette
+from segdist.evaluate import main, score_folders, write_prediction_png
+from segdist.metrics import confusion_matrix, scores
+
+
+def save_png(path: Path, array: np.ndarray, palette: bool = False) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    im = Image.fromarray(np.ascontiguousarray(array, dtype=np.uint8), mode="L")
+    if palette:
+        im = im.convert("P")
+        im.putpalette(voc_palette())
+    im.save(path)
+
+
+@pytest.fixture
+def voc_folders(tmp_path):
+    rng = np.random.default_rng(0)
+    gts, preds = [], []
+    for i, (h, w) in enumerate([(20, 30), (25, 18), (16, 16)]):
+        gt = rng.integers(0, 21, (h, w)).astype(np.uint8)
+        gt[:2] = 255
+        pred = np.where(rng.random((h, w)) < 0.6, gt, rng.integers(0, 21, (h, w))).astype(np.uint8)
+        pred[gt == 255] = rng.integers(0, 21)
+        save_png(tmp_path / "gt" / f"2007_{i:06d}.png", gt, palette=True)
+        save_png(tmp_path / "pred" / f"2007_{i:06d}.png", pred, palette=i % 2 == 0)
+        gts.append(gt)
+        preds.append(pred)
+    return tmp_path / "pred", tmp_path / "gt", gts, preds
+
+
+def test_voc_folders_score_like_the_confusion_matrix(voc_folders):
+    pred_dir, gt_dir, gts, preds = voc_folders
+    expected = sum(
+        confusion_matrix(torch.from_numpy(p).long(), torch.from_numpy(g).long(), 21) for p, g in zip(preds, gts, strict=True)
+    )
+    want = scores(expected)
+    got = score_folders(pred_dir, gt_dir, "voc", boundary_kernels=(11,))
+    assert got["num_images"] == 3
+    assert math.isclose(got["miou"], want["miou"], rel_tol=1e-12)
+    assert list(got["per_class_iou"].values()) == pytest.approx(want["per_class_iou"], nan_ok=True)
+    assert got["pixel_acc"] == pytest.approx(want["pixel_acc"])
+    assert set(got["boundary"]["11"]) == {"boundary", "inner"}
+
+
+def test_voc_cli_json(voc_folders, capsys):
+    pred_dir, gt_dir, _, _ = voc_folders
+    assert main(["--pred-dir", str(pred_dir), "--gt-dir", str(gt_dir), "--dataset", "voc", "--json",
+                 "--boundary", "11,15"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert {"miou", "per_class_iou", "pixel_acc", "mean_acc", "boundary"} <= set(out)
+    assert list(out["boundary"]) == ["11", "15"]
+    assert list(out["per_class_iou"])[:2] == ["background", "aeroplane"]
+
+
+def one_error_line(capsys, argv) -> str:
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("segdist: error: ") and "\n" not in err and "Traceback" not in err
+    return err
+
+
+def test_missing_prediction_is_one_line(voc_folders, capsys):
+    pred_dir, gt_dir, _, _ = voc_folders
+    (pred_dir / "2007_000001.png").unlink()
+    err = one_error_line(capsys, ["--pred-dir", str(pred_dir), "--gt-dir", str(gt_dir), "--dataset", "voc"])
+    assert "1 of 3 predictions missing" in err and "2007_000001.png" in err
+
+
+def test_size_mismatch_is_one_line(voc_folders, capsys):
+    pred_dir, gt_dir, _, _ = voc_folders
+    save_png(pred_dir / "2007_000002.png", np.zeros((16, 17), np.uint8))
+    err = one_error_line(capsys, ["--pred-dir", str(pred_dir), "--gt-dir", str(gt_dir), "--dataset", "voc"])
+    assert "2007_000002.png" in err and "17x16" in err and "16x16" in err
+
+
+def test_bad_values_and_colour_pngs_are_one_line(voc_folders, capsys):
+    pred_dir, gt_dir, _, _ = voc_folders
+    save_png(pred_dir / "2007_000002.png", np.full((16, 16), 21, np.uint8))
+    err = one_error_line(capsys, ["--pred-dir", str(pred_dir), "--gt-dir", str(gt_dir), "--dataset", "voc"])
+    assert "value 21" in err
+    Image.new("RGB", (16, 16)).save(pred_dir / "2007_000002.png")
+    err = one_error_line(capsys, ["--pred-dir", str(pred_dir), "--gt-dir", str(gt_dir), "--dataset", "voc"])
+    assert "mode RGB" in err
+    err = one_error_line(capsys, ["--pred-dir", str(pred_dir / "nope"), "--gt-dir", str(gt_dir), "--dataset", "voc"])
+    assert "not found" in err
+
+
+# ----------------------------------------------------------------------------- Cityscapes
+
+LABEL_IDS = [label_id for _name, label_id, _train in CITYSCAPES_LABELS if label_id >= 0]
+
+
+def write_cityscapes(root: Path, seed: int = 0, images: int = 4, size=(24, 48)):
+    """gtFine/val/<city>/<city>_<seq>_<frame>_gtFine_labelIds.png and predictions
+    <city>_<seq>_<frame>_leftImg8bit.png (labelIds, some of them ignored classes)."""
+    rng = np.random.default_rng(seed)
+    gt_root, pred_root = root / "gtFine" / "val", root / "results"
+    for i in range(images):
+        city = ("aachen", "bremen")[i % 2]
+        stem = f"{city}_{i:06d}_{i * 7:06d}"
+        h, w = size
+        gt = rng.choice(LABEL_IDS, size=(h, w)).astype(np.uint8)
+        gt[:, : w // 3] = 7 + i  # a larger block of one evaluated class
+        pred = np.where(rng.random((h, w)) < 0.5, gt, rng.choice(LABEL_IDS, size=(h, w))).astype(np.uint8)
+        save_png(gt_root / city / f"{stem}_gtFine_labelIds.png", gt)
+        save_png(pred_root / ("sub" if i % 2 else "") / f"{stem}_leftImg8bit.png", pred)
+    return pred_root, gt_root
+
+
+def official_scores(pred_root: Path, gt_root: Path) -> dict:
+    ev = pytest.importorskip(
+        "cityscapesscripts.evaluation.evalPixelLevelSemanticLabeling",
+        reason="cityscapesScripts is not installed (pip install 'cityscapesScripts==2.3.0')",
+    )
+    args = ev.args
+    args.evalInstLevelScore = False
+    args.JSONOutput = False
+    args.quiet = True
+    args.predictionPath = str(pred_root)
+    args.predictionWalk = None
+    gts = sorted(str(p) for p in gt_root.rglob("*_gtFine_labelIds.png"))
+    preds = [ev.getPrediction(args, gt) for gt in gts]
+    return ev.evaluateImgLists(preds, gts, args)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_cityscapes_agrees_with_the_official_evaluator(tmp_path, seed):
+    pred_root, gt_root = write_cityscapes(tmp_path, seed=seed)
+    official = official_scores(pred_root, gt_root)
+    ours = score_folders(pred_root, gt_root, "cityscapes")
+    assert ours["num_images"] == 4
+    for name in CITYSCAPES_CLASSES:
+        want, got = official["classScores"][name], ours["per_class_iou"][name]
+        assert (math.isnan(want) and math.isnan(got)) or abs(want - got) < 1e-4, name
+    assert abs(ours["miou"] - official["averageScoreClasses"]) < 1e-4
+    # the generated predictions do hold ignored labelIds (void predictions) on evaluated pixels
+    lut = np.array(cityscapes_train_id_lut())
+    preds = [np.asarray(Image.open(p)) for p in pred_root.rglob("*.png")]
+    assert any((lut[p] == 255).any() for p in preds)
+
+
+def test_cityscapes_written_predictions_round_trip(tmp_path):
+    """write_prediction_png (train ids -> labelIds) scores exactly like the train-id matrix."""
+    rng = np.random.default_rng(3)
+    lut = np.array(cityscapes_train_id_lut(), dtype=np.uint8)
+    total = torch.zeros(19, 19, dtype=torch.int64)
+    for i in range(3):
+        stem = f"zurich_{i:06d}_000019"
+        gt_ids = rng.choice(LABEL_IDS, size=(16, 32)).astype(np.uint8)
+        save_png(tmp_path / "gt" / "zurich" / f"{stem}_gtFine_labelIds.png", gt_ids)
+        pred_train = rng.integers(0, 19, (16, 32)).astype(np.uint8)
+        write_prediction_png(tmp_path / "pred", stem, pred_train, "cityscapes")
+        total += confusion_matrix(torch.from_numpy(pred_train).long(), torch.from_numpy(lut[gt_ids]).long(), 19)
+    got = score_folders(tmp_path / "pred", tmp_path / "gt", "cityscapes")
+    assert got["miou"] == pytest.approx(scores(total)["miou"], abs=1e-12)
+    if official := official_scores(tmp_path / "pred", tmp_path / "gt"):
+        assert got["miou"] == pytest.approx(official["averageScoreClasses"], abs=1e-4)
+
+
+def test_cityscapes_bad_input(tmp_path, capsys):
+    pred_root, gt_root = write_cityscapes(tmp_path, images=2)
+    extra = pred_root / "copy" / "aachen_000000_000000_other.png"
+    save_png(extra, np.zeros((24, 48), np.uint8))
+    err = one_error_line(capsys, ["--pred-dir", str(pred_root), "--gt-dir", str(gt_root), "--dataset", "cityscapes"])
+    assert "several predictions" in err
+    extra.unlink()
+    save_png(next(pred_root.rglob("bremen*.png")), np.full((24, 48), 40, np.uint8))
+    err = one_error_line(capsys, ["--pred-dir", str(pred_root), "--gt-dir", str(gt_root), "--dataset", "cityscapes"])
+    assert "not a Cityscapes labelId" in err
+    next(pred_root.rglob("bremen*.png")).unlink()
+    err = one_error_line(capsys, ["--pred-dir", str(pred_root), "--gt-dir", str(gt_root), "--dataset", "cityscapes"])
+    assert "predictions missing" in err and "bremen_000001_000007*.png" in err
