@@ -227,6 +227,7 @@ def evaluate_distributed(
     save_dir: str | os.PathLike | None = None,
     examples: int = 0,
     amp_dtype: torch.dtype | None = None,
+    channels_last: bool = False,
     limit: int = 0,
     on_prediction=None,
 ) -> EvalResult:
@@ -234,9 +235,9 @@ def evaluate_distributed(
     all_reduce_result, or all-reduce `result.flat()` yourself).
 
     loader: yields (images [N, 3|4, H, W] normalised, labels [N, H, W]) or (..., keys),
-    e.g. segdist.data.stream.val_loader. Pass the bare model, not the DDP wrapper.
-    scales / flip / tile_size / tile_batch / amp_dtype: segdist.msf.MultiScaleInference
-    (defaults: one whole-image pass). boundary_kernels: K values for boundary/inner matrices.
+    e.g. segdist.data.stream.val_loader. A DDP wrapper is looked through.
+    scales / flip / tile_size / tile_batch / amp_dtype / channels_last: segdist.msf.
+    MultiScaleInference (defaults: one whole-image pass in the model's dtype). boundary_kernels: K values for boundary/inner matrices.
     crf: a segdist.crf.CrfParams to run DenseCRF on the MSF probabilities in `crf_workers`
     processes (result.confusion is then after the CRF, result.before_crf before it).
     save_dir: write every sample's probabilities, image and label there (segdist.crf's
@@ -250,8 +251,12 @@ def evaluate_distributed(
 
     kernels = check_kernels(boundary_kernels)
     device = torch.device(device)
+    if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        model = model.module  # evaluation needs no gradient sync; the bare model has needs_edges
     model.eval()
-    msf = MultiScaleInference(model, scales, flip, tile_size=tile_size, tile_batch=tile_batch, amp_dtype=amp_dtype)
+    msf = MultiScaleInference(
+        model, scales, flip, tile_size=tile_size, tile_batch=tile_batch, amp_dtype=amp_dtype, channels_last=channels_last
+    )
     acc = _Accumulator(num_classes, device, kernels, examples, on_prediction)
     before_crf = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=device) if crf is not None else None
     rank = _rank()

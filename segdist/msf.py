@@ -81,6 +81,7 @@ class MultiScaleInference(nn.Module):
         tile_size: int | tuple[int, int] | None = None,
         tile_batch: int = 4,
         amp_dtype: torch.dtype | None = None,
+        channels_last: bool = False,
     ):
         super().__init__()
         scales = tuple(float(s) for s in scales)
@@ -96,11 +97,14 @@ class MultiScaleInference(nn.Module):
             raise ValueError(f"tile_size must be positive, got {tile_size}")
         self.tile_batch = int(tile_batch)
         self.amp_dtype = amp_dtype
+        self.channels_last = bool(channels_last)
         self.tiles_run = 0  # forward passes' worth of tiles (flipped copies included), for tests/benchmarks
 
     # ------------------------------------------------------------------ model call
 
     def _logits(self, x: torch.Tensor) -> torch.Tensor:
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
         autocast = (
             torch.autocast(device_type=x.device.type, dtype=self.amp_dtype)
             if self.amp_dtype is not None

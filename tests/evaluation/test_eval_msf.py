@@ -143,3 +143,15 @@ def test_bad_arguments():
         MultiScaleInference(ConvModel(), scales=(0.0,))
     with pytest.raises(ValueError):
         MultiScaleInference(ConvModel(), tile_batch=0)
+
+
+def test_bf16_autocast_and_channels_last_run_and_stay_close():
+    model = ConvModel(kernel=3)
+    x = torch.randn(1, 3, 30, 41)
+    ref = MultiScaleInference(model, scales=(0.5, 1.0), flip=True, tile_size=16)(x)
+    low = MultiScaleInference(
+        model, scales=(0.5, 1.0), flip=True, tile_size=16, amp_dtype=torch.bfloat16, channels_last=True
+    )(x)
+    assert low.dtype == torch.float32
+    assert torch.allclose(low.sum(1), torch.ones(1, 30, 41), atol=1e-4)
+    assert (low - ref).abs().max() < 0.05
