@@ -81,6 +81,38 @@ def test_config_passes_rays_cluster_schema(name, no_network):
     assert prepared["head_node_type"] in prepared["available_node_types"]
 
 
+def test_local_config_passes_ray_ups_whole_bootstrap(no_network, monkeypatch, tmp_path):
+    """For the on-prem provider the provider steps are offline too, so run all of them."""
+    from ray.autoscaler._private.commands import _bootstrap_config
+
+    monkeypatch.setenv("RAY_TMPDIR", str(tmp_path))
+    config = _bootstrap_config(load("local"), no_config_cache=True)
+    (node_type,) = config["available_node_types"].values()
+    assert node_type["min_workers"] == node_type["max_workers"] == len(load("local")["provider"]["worker_ips"])
+
+
+def run_instances_errors(node_config: dict) -> str:
+    """botocore's offline check of the EC2 call Ray makes (create_instances(**node_config,
+    MinCount, MaxCount, ...)) against the EC2 API model shipped with botocore; no credentials."""
+    botocore_session = pytest.importorskip("botocore.session", reason="boto3 (botocore) not installed")
+    from botocore.validate import ParamValidator
+
+    model = botocore_session.Session().get_service_model("ec2").operation_model("RunInstances")
+    report = ParamValidator().validate({**node_config, "MinCount": 1, "MaxCount": 1}, model.input_shape)
+    return report.generate_report()
+
+
+def test_aws_node_configs_match_the_ec2_api(no_network):
+    for name, node_type in load("aws")["available_node_types"].items():
+        assert run_instances_errors(node_type["node_config"]) == "", name
+
+
+def test_ec2_api_check_catches_a_misspelt_field(no_network):
+    node_config = copy.deepcopy(load("aws")["available_node_types"]["gpu_spot"]["node_config"])
+    node_config["InstanceMarketOption"] = node_config.pop("InstanceMarketOptions")
+    assert "InstanceMarketOption" in run_instances_errors(node_config)
+
+
 @pytest.mark.parametrize("name", sorted(CONFIGS))
 @pytest.mark.parametrize(
     "breakage, expected",
