@@ -598,6 +598,7 @@ def benchmark(
     size: tuple[int, int] = (375, 500),
     images: int = 2,
     depth: int = 101,
+    width: int = 64,
     variant: str = "naked",
     num_classes: int = 21,
     output_stride: int = 8,
@@ -615,7 +616,9 @@ def benchmark(
 
     torch.manual_seed(seed)
     device_t = torch.device(device)
-    model = build_model(ModelConfig(variant=variant, depth=depth, output_stride=output_stride), num_classes)
+    model = build_model(
+        ModelConfig(variant=variant, depth=depth, width=width, output_stride=output_stride), num_classes
+    )
     model = model.to(device_t).eval()
     height, width = size
     gen = torch.Generator().manual_seed(seed)
@@ -625,42 +628,59 @@ def benchmark(
         if device_t.type == "cuda":
             torch.cuda.synchronize()
 
-    def timed(msf: MultiScaleInference) -> tuple[float, list]:
-        outs = []
+    def timed(msf: MultiScaleInference) -> tuple[list[float], list]:
+        times, outs = [], []
         with torch.inference_mode():
             msf(batch[0][:, :, :64, :64].to(device_t))  # warm-up (allocator, kernels)
-            sync()
-            start = time.perf_counter()
+            msf.tiles_run = 0
             for x in batch:
+                sync()
+                start = time.perf_counter()
                 outs.append(msf(x.to(device_t)).cpu())
-            sync()
-        return (time.perf_counter() - start) / len(batch), outs
+                sync()
+                times.append(time.perf_counter() - start)
+        return times, outs
 
-    whole_s, _ = timed(MultiScaleInference(model))
+    def stats(times: list[float]) -> dict[str, Any]:
+        return {
+            "median": round(float(np.median(times)), 3),
+            "min": round(min(times), 3),
+            "all": [round(t, 3) for t in times],
+        }
+
+    whole_times, _ = timed(MultiScaleInference(model))
     msf = MultiScaleInference(model, scales, flip=True, tile_size=tile_size)
-    msf_s, probs = timed(msf)
-    tiles_per_image = (msf.tiles_run - 2) / len(batch)  # minus the warm-up's flip pair
+    msf_times, probs = timed(msf)
     rng = np.random.default_rng(seed)
     rgbs = [rng.integers(0, 256, (height, width, 3), dtype=np.uint8) for _ in batch]
     params = CrfParams()
+    crf_times = []
     with CrfPool(crf_workers) as pool:
         pool.labels(probs[0][0].numpy()[:, :32, :32], rgbs[0][:32, :32].copy(), params).result()  # start workers
-        start = time.perf_counter()
-        futures = [pool.labels(p[0].to(torch.float16).numpy(), rgb, params) for p, rgb in zip(probs, rgbs, strict=True)]
-        for f in futures:
-            f.result()
-        crf_s = (time.perf_counter() - start) / len(batch)
+        if crf_workers <= 1:
+            for p, rgb in zip(probs, rgbs, strict=True):
+                start = time.perf_counter()
+                pool.labels(p[0].to(torch.float16).numpy(), rgb, params).result()
+                crf_times.append(time.perf_counter() - start)
+        else:  # throughput of the pool: wall time / images
+            start = time.perf_counter()
+            futures = [pool.labels(p[0].to(torch.float16).numpy(), rgb, params) for p, rgb in zip(probs, rgbs, strict=True)]
+            for f in futures:
+                f.result()
+            crf_times = [(time.perf_counter() - start) / len(batch)] * len(batch)
     return {
         "image_size": f"{width}x{height}",
         "images": images,
         "model": f"{variant} ResNet-{depth} OS{output_stride}, {num_classes} classes, random weights",
         "device": device,
         "torch_threads": torch.get_num_threads(),
-        "whole_image_s_per_image": round(whole_s, 3),
-        "msf_s_per_image": round(msf_s, 3),
-        "msf": {"scales": list(scales), "flip": True, "tile_size": tile_size, "tile_passes_per_image": tiles_per_image},
-        "crf_s_per_image": round(crf_s, 3),
+        "whole_image_s_per_image": stats(whole_times),
+        "msf_s_per_image": stats(msf_times),
+        "msf": {"scales": list(scales), "flip": True, "tile_size": tile_size,
+                "tile_passes_per_image": msf.tiles_run / len(batch)},
+        "crf_s_per_image": stats(crf_times),
         "crf": {**dataclasses.asdict(params), "workers": crf_workers},
+        "load_average_1min": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
     }
 
 
@@ -711,7 +731,10 @@ def build_parser() -> argparse.ArgumentParser:
     mode.add_argument("--checkpoint", help="checkpoint.pt written by training (model rebuilt from its config)")
     mode.add_argument("--pred-dir", help="folder of predicted label PNGs (VOC indices / Cityscapes labelIds)")
     mode.add_argument("--benchmark", action="store_true",
-                      help="time whole-image, MSF and CRF per image (random ResNet weights) and exit")
+                      help="print seconds per image for whole-image inference, MSF (0.5..1.5 + flip, "
+                      "sliding tiles of --tile, default 321) and DenseCRF (--crf-workers, default 1) on "
+                      "--limit (default 2) random 500x375 images with a random-weight naked ResNet-101 "
+                      "(output stride 8, 21 classes), then exit")
     ck = parser.add_argument_group("checkpoint scoring")
     ck.add_argument("--shards", help="validation shard folder or URL (with dataset.json)")
     ck.add_argument("--scales", type=_float_list, default=(1.0,),
