@@ -27,6 +27,12 @@ if [ "$source" != "-" ] && ! mountpoint -q "$mount_point"; then
 fi
 
 mountpoint -q "$mount_point" || [ -d "$mount_point" ] || die "$mount_point does not exist on $(hostname)"
+fstype=$(stat -f -c %T "$mount_point")
+case "$fstype" in
+  ext2/ext3 | ext4 | xfs | btrfs | zfs | tmpfs | overlayfs)
+    echo "mount_shared.sh: warning: $mount_point on $(hostname) is a local $fstype file system; other nodes will not see its files" >&2 ;;
+esac
 # A folder this user owns, so Ray workers (running as this user) can write into it.
-[ -w "$mount_point/segdist" ] || sudo install -d -o "$(id -u)" -g "$(id -g)" "$mount_point/segdist"
+[ -w "$mount_point/segdist" ] || mkdir -p "$mount_point/segdist" 2>/dev/null \
+  || sudo install -d -o "$(id -u)" -g "$(id -g)" "$mount_point/segdist"
 echo "shared storage ready at $mount_point/segdist"

@@ -359,6 +359,17 @@ def test_mount_shared_rejects_a_placeholder():
     assert "is a placeholder" in result.stderr
 
 
+def test_mount_shared_checks_an_existing_folder_and_warns_when_it_is_local(tmp_path):
+    result = run_script("mount_shared.sh", "-", str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "segdist").is_dir()
+    fstype = subprocess.run(["stat", "-f", "-c", "%T", str(tmp_path)], capture_output=True, text=True).stdout.strip()
+    if fstype in ("ext2/ext3", "ext4", "xfs", "btrfs", "zfs", "tmpfs", "overlayfs"):
+        assert f"is a local {fstype} file system" in result.stderr
+    missing = run_script("mount_shared.sh", "-", str(tmp_path / "absent"))
+    assert missing.returncode == 2 and "does not exist" in missing.stderr
+
+
 @pytest.mark.integration
 def test_setup_head_serves_mlflow_on_loopback_and_is_idempotent(tmp_path):
     """Runs the real head script (a real `mlflow server`), then again: the second run leaves it be."""
