@@ -69,6 +69,15 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
+class EvalConfig:
+    """Evaluation at the final epoch (every epoch gets a whole-image val_miou)."""
+
+    scales: tuple[float, ...] = (1.0,)  # multi-scale inference; [1] = whole image
+    flip: bool = False  # also average the left-right flipped prediction
+    boundary_kernels: tuple[int, ...] = ()  # boundary/inner statistics, e.g. [11, 15, 19]
+
+
+@dataclass(frozen=True)
 class ResourcesConfig:
     workers: int = 1  # DDP workers per trial
     cpus_per_worker: int = 1
@@ -84,6 +93,7 @@ class TrialConfig:
     model: ModelConfig
     train: TrainConfig
     resources: ResourcesConfig
+    eval: EvalConfig = field(default_factory=EvalConfig)
     config_id: str = ""  # the same for every seed of one configuration
     overrides: dict[str, Any] = field(default_factory=dict)  # what the search chose
 
@@ -93,7 +103,7 @@ class TrialConfig:
             "config_id": self.config_id,
             "overrides": " ".join(f"{k}={v}" for k, v in self.overrides.items()),
         }
-        for section in ("data", "model", "train", "resources"):
+        for section in SECTIONS:
             for key, value in dataclasses.asdict(getattr(self, section)).items():
                 flat[f"{section}.{key}"] = value
         return flat
@@ -107,14 +117,40 @@ class SearchDim:
 
 
 @dataclass(frozen=True)
+class SeedPolicy:
+    """`seeds: [0, 1, 2]` runs exactly those. `seeds: {min, max, ci_halfwidth}` starts every
+    configuration with seeds 0..min-1 and adds seeds only while its 95% interval still
+    overlaps the best configuration's and is wider than ci_halfwidth (in metric points x 100)."""
+
+    initial: tuple[int, ...]
+    max_seeds: int
+    ci_halfwidth: float | None = None  # None: fixed seeds
+
+    @property
+    def adaptive(self) -> bool:
+        return self.ci_halfwidth is not None
+
+
+@dataclass(frozen=True)
+class Screening:
+    """ASHA early stopping (biased for seed statistics: stopped trials are left out)."""
+
+    grace_period: int = 1
+    reduction_factor: int = 2
+
+
+@dataclass(frozen=True)
 class StudyConfig:
     name: str
     path: str
     base: TrialConfig
     search: tuple[SearchDim, ...]
-    seeds: tuple[int, ...]
+    seeds: SeedPolicy
     samples: int  # draws of the random (choice / loguniform / uniform) dimensions
     search_seed: int
+    screening: Screening | None = None
+    smoke: bool = False  # tiny sizes: variant tokens may not enlarge them
+    baseline: str | None = None  # the variant the report compares every configuration with
 
     @property
     def resources(self) -> ResourcesConfig:
@@ -125,10 +161,11 @@ SECTIONS = {
     "data": DataConfig,
     "model": ModelConfig,
     "train": TrainConfig,
+    "eval": EvalConfig,
     "resources": ResourcesConfig,
 }
 SEARCH_KINDS = ("grid", "choice", "loguniform", "uniform")
-TOP_LEVEL_KEYS = ("name", *SECTIONS, "search", "seeds", "samples", "search_seed")
+TOP_LEVEL_KEYS = ("name", *SECTIONS, "search", "seeds", "samples", "search_seed", "screening", "baseline")
 
 
 def load_study(path: str | Path) -> StudyConfig:
@@ -168,6 +205,8 @@ def parse_study(raw: dict[str, Any], where: str) -> StudyConfig:
         seeds=seeds,
         samples=samples,
         search_seed=_as_int(raw.get("search_seed", 0), f"{where}: search_seed"),
+        screening=_parse_screening(raw.get("screening"), where),
+        baseline=None if raw.get("baseline") is None else str(raw["baseline"]),
     )
     # Validate every configuration now, before any compute is spent.
     try:
@@ -179,25 +218,40 @@ def parse_study(raw: dict[str, Any], where: str) -> StudyConfig:
     return study
 
 
-def expand_trials(study: StudyConfig) -> list[TrialConfig]:
-    """Configurations x seeds, in a fixed order. Random dimensions are drawn once per
-    configuration (from `search_seed`), so every seed of it trains the same values."""
+def expand_configs(study: StudyConfig) -> list[TrialConfig]:
+    """Every configuration once (seed left at the study's default), in a fixed order.
+    Random dimensions are drawn once per configuration (from `search_seed`), so every
+    seed of it trains the same values."""
     grid = [d for d in study.search if d.kind == "grid"]
     sampled = [d for d in study.search if d.kind != "grid"]
     rng = random.Random(study.search_seed)
-    configs: list[dict[str, Any]] = []
+    chosen: list[dict[str, Any]] = []
     for _ in range(study.samples if sampled else 1):
         draws = {d.key: _draw(d, rng) for d in sampled}
         for combo in itertools.product(*(d.values for d in grid)):
-            configs.append({**dict(zip((d.key for d in grid), combo, strict=True)), **draws})
-    trials = []
-    for overrides in configs:
+            chosen.append({**dict(zip((d.key for d in grid), combo, strict=True)), **draws})
+    configs = []
+    for overrides in chosen:
         config = _apply_overrides(study.base, overrides)
-        config_id = _config_id(config)
-        for seed in study.seeds:
-            trial = _apply_overrides(config, {"train.seed": seed})
-            trials.append(dataclasses.replace(trial, config_id=config_id, overrides=overrides))
-    return trials
+        if study.smoke:  # keep the tiny sizes whatever the variant's tokens say
+            small = {k: getattr(study.base.train, k) for k in ("crop_size", "batch_size", "epoch_scale")}
+            config = dataclasses.replace(config, train=dataclasses.replace(config.train, **small))
+        configs.append(dataclasses.replace(config, config_id=_config_id(config), overrides=overrides))
+    return configs
+
+
+def with_seed(config: TrialConfig, seed: int) -> TrialConfig:
+    return dataclasses.replace(config, train=dataclasses.replace(config.train, seed=seed))
+
+
+def trial_key(trial: TrialConfig) -> str:
+    """Names one trial for good: its configuration and its seed."""
+    return f"{trial.config_id}-seed{trial.train.seed}"
+
+
+def expand_trials(study: StudyConfig) -> list[TrialConfig]:
+    """Configurations x initial seeds (all the seeds, unless they are adaptive)."""
+    return [with_seed(config, seed) for config in expand_configs(study) for seed in study.seeds.initial]
 
 
 def validate_trial(trial: TrialConfig, where: str) -> None:
@@ -222,6 +276,10 @@ def validate_trial(trial: TrialConfig, where: str) -> None:
         (model.output_stride in (8, 16, 32), f"model.output_stride must be 8, 16 or 32, got {model.output_stride}"),
         (model.norm in ("batch", "sync", "frozen"), f"model.norm must be batch, sync or frozen, got {model.norm!r}"),
         (model.width >= 4, f"model.width must be at least 4, got {model.width}"),
+        (len(trial.eval.scales) >= 1 and all(0 < x <= 4 for x in trial.eval.scales),
+         f"eval.scales must be a non-empty list of numbers in (0, 4], got {list(trial.eval.scales)}"),
+        (all(k >= 3 and k % 2 == 1 for k in trial.eval.boundary_kernels),
+         f"eval.boundary_kernels must be odd sizes >= 3, got {list(trial.eval.boundary_kernels)}"),
         (res.workers >= 1, f"resources.workers must be at least 1, got {res.workers}"),
         (res.cpus_per_worker >= 1, f"resources.cpus_per_worker must be at least 1, got {res.cpus_per_worker}"),
         (res.gpus_per_worker >= 0, f"resources.gpus_per_worker must be >= 0, got {res.gpus_per_worker}"),
@@ -230,6 +288,27 @@ def validate_trial(trial: TrialConfig, where: str) -> None:
     for ok, message in checks:
         if not ok:
             raise SegdistError(f"{where}: {message}")
+
+
+def smoke_study(study: StudyConfig, train_shards: str, val_shards: str) -> StudyConfig:
+    """The same study at tiny width, image size and length on CPU, on the generated data
+    set: every configuration (every variant) is built and trained once, with one seed."""
+    base = study.base
+    base = dataclasses.replace(
+        base,
+        data=dataclasses.replace(base.data, train_shards=train_shards, val_shards=val_shards,
+                                 synthetic_root=None, loader_workers=0),
+        model=dataclasses.replace(base.model, depth=18, width=4, pretrained=None),
+        train=dataclasses.replace(base.train, epochs=1, batch_size=2, crop_size=32, epoch_scale=1.0,
+                                  precision="fp32", max_failures=0),
+        resources=ResourcesConfig(workers=1, cpus_per_worker=1, gpus_per_worker=0, max_concurrent_trials=2),
+    )
+    # Variant tokens (size512, bs8, scale8) would undo the tiny sizes: pin them in the search.
+    search = tuple(d for d in study.search if not d.key.startswith(("resources.", "data.")))
+    return dataclasses.replace(
+        study, name=f"{study.name}-smoke", base=base, search=search,
+        seeds=SeedPolicy(initial=(0,), max_seeds=1), screening=None, smoke=True,
+    )
 
 
 def apply_variant_tokens(train: TrainConfig, variant_name: str) -> TrainConfig:
@@ -278,6 +357,10 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
     if origin in (typing.Union, types.UnionType):
         options = [a for a in typing.get_args(hint) if a is not type(None)]
         return None if value is None else _coerce(value, options[0], where)
+    if origin is tuple and typing.get_args(hint)[-1] is Ellipsis:
+        if not isinstance(value, (list, tuple)):
+            raise SegdistError(f"{where}: expected a list, got {value!r}")
+        return tuple(_coerce(v, typing.get_args(hint)[0], where) for v in value)
     if origin is tuple:
         if not isinstance(value, (list, tuple)) or len(value) != len(typing.get_args(hint)):
             raise SegdistError(f"{where}: expected a list of {len(typing.get_args(hint))} numbers, got {value!r}")
@@ -310,15 +393,38 @@ def _as_int(value: Any, where: str) -> int:
     return value
 
 
-def _parse_seeds(raw: Any, where: str) -> tuple[int, ...]:
-    if isinstance(raw, int) and not isinstance(raw, bool):
-        raise SegdistError(f"{where}: seeds must be a list of integers such as [0, 1, 2], got {raw!r}")
+def _parse_seeds(raw: Any, where: str) -> SeedPolicy:
+    if isinstance(raw, dict):
+        _reject_unknown(raw, ("min", "max", "ci_halfwidth"), f"{where}: seeds", "key")
+        low = _as_int(raw.get("min", 2), f"{where}: seeds.min")
+        high = _as_int(raw.get("max", 8), f"{where}: seeds.max")
+        target = _coerce(raw.get("ci_halfwidth", 0.5), float, f"{where}: seeds.ci_halfwidth")
+        if not 2 <= low <= high:
+            raise SegdistError(f"{where}: seeds needs 2 <= min <= max (a spread needs two seeds), got min={low} max={high}")
+        if target <= 0:
+            raise SegdistError(f"{where}: seeds.ci_halfwidth must be positive, got {target}")
+        return SeedPolicy(initial=tuple(range(low)), max_seeds=high, ci_halfwidth=target)
     if not isinstance(raw, list) or not raw:
-        raise SegdistError(f"{where}: seeds must be a non-empty list of integers, got {raw!r}")
+        raise SegdistError(
+            f"{where}: seeds must be a non-empty list such as [0, 1, 2] or {{min: 2, max: 8, ci_halfwidth: 0.5}}, got {raw!r}"
+        )
     seeds = tuple(_as_int(s, f"{where}: seeds") for s in raw)
     if len(set(seeds)) != len(seeds):
         raise SegdistError(f"{where}: seeds repeat a value: {list(seeds)}")
-    return seeds
+    if any(seed < 0 for seed in seeds):
+        raise SegdistError(f"{where}: seeds must be >= 0, got {list(seeds)}")
+    return SeedPolicy(initial=seeds, max_seeds=len(seeds))
+
+
+def _parse_screening(raw: Any, where: str) -> Screening | None:
+    if raw is None:
+        return None
+    if not isinstance(raw, dict) or set(raw) != {"asha"}:
+        raise SegdistError(f"{where}: screening must be {{asha: {{grace_period: N, reduction_factor: M}}}}")
+    screening = _build_section(Screening, raw["asha"] or {}, f"{where}: screening.asha")
+    if screening.grace_period < 1 or screening.reduction_factor < 2:
+        raise SegdistError(f"{where}: screening.asha needs grace_period >= 1 and reduction_factor >= 2")
+    return screening
 
 
 def _parse_search_dim(key: str, spec: Any, where: str) -> SearchDim:

@@ -1,44 +1,53 @@
-"""`python -m segdist.report`: the seed-aggregated results table of a study, from MLflow.
+"""`python -m segdist.report`: a study's results aggregated over seeds, from MLflow.
 
 One row per configuration (the seed taken out): mean ± std of the final epoch's metric,
-the number of seeds, min–max. Trials that failed or diverged are counted, not averaged.
+the number of seeds, the 95% confidence interval (t distribution), min–max, the
+difference to a baseline configuration with Welch's t-test p-value, boundary/inner
+statistics when the study measured them, and the trials that did not finish (failed,
+diverged or stopped early by screening), which are counted but never averaged.
 """
 
 from __future__ import annotations
 
 import argparse
-import statistics
+import csv
+import io
+import json
+import re
 import sys
 from dataclasses import dataclass, field
 
 from mlflow.tracking import MlflowClient
 
 from segdist.errors import SegdistError, exit_on_user_error
-from segdist.tracking import PARENT_TAG, STUDY_TAG, resolve_tracking_uri
+from segdist.stats import Summary, summarize, welch_p_value
+from segdist.tracking import PARENT_TAG, ROLE_TAG, STATUS_TAG, resolve_tracking_uri
+
+BOUNDARY_METRIC = re.compile(r"^(boundary|inner)_k(\d+)_miou$")
+NOT_FINISHED = ("failed", "diverged", "stopped_early")
 
 
 @dataclass
 class ConfigRow:
     config_id: str
     label: str
+    variant: str = ""
     values: list[float] = field(default_factory=list)
-    seeds: list[str] = field(default_factory=list)
-    failed: int = 0
+    seeds: list[int] = field(default_factory=list)
+    extra: dict[str, list[float]] = field(default_factory=dict)  # boundary/inner metrics
+    not_finished: dict[str, int] = field(default_factory=dict)
+    decision: str = ""
 
     @property
-    def mean(self) -> float:
-        return statistics.fmean(self.values) if self.values else float("nan")
-
-    @property
-    def std(self) -> float:
-        return statistics.stdev(self.values) if len(self.values) > 1 else float("nan")
+    def summary(self) -> Summary:
+        return summarize(self.values)
 
 
 def config_label(params: dict[str, str]) -> str:
     """What distinguishes a configuration: its variant plus the values the search chose."""
     label = params.get("model.variant", "?")
     chosen = params.get("overrides", "")
-    return f"{label} {chosen}".strip() if chosen not in ("", "{}") else label
+    return f"{label} {chosen}".strip() if chosen else label
 
 
 def collect_rows(client: MlflowClient, experiment_id: str, parent_run_id: str, metric: str) -> list[ConfigRow]:
@@ -49,39 +58,122 @@ def collect_rows(client: MlflowClient, experiment_id: str, parent_run_id: str, m
     for run in runs:
         params = run.data.params
         config_id = params.get("config_id", run.info.run_id)
-        row = rows.setdefault(config_id, ConfigRow(config_id, config_label(params)))
+        row = rows.setdefault(config_id, ConfigRow(config_id, config_label(params), params.get("model.variant", "")))
+        status = run.data.tags.get(STATUS_TAG, "running" if run.info.status == "RUNNING" else "failed")
         value = run.data.metrics.get(metric)
-        if run.info.status == "FINISHED" and value is not None:
+        if status == "finished" and value is not None:
             row.values.append(value)
-            row.seeds.append(params.get("train.seed", "?"))
+            row.seeds.append(int(params.get("train.seed", -1)))
+            for key, extra in run.data.metrics.items():
+                if BOUNDARY_METRIC.match(key):
+                    row.extra.setdefault(key, []).append(extra)
         else:
-            row.failed += 1
-    return sorted(rows.values(), key=lambda r: (-r.mean if r.values else float("inf"), r.label))
+            row.not_finished[status] = row.not_finished.get(status, 0) + 1
+    return sorted(rows.values(), key=lambda r: (-r.summary.mean if r.values else float("inf"), r.label))
 
 
-def format_markdown(rows: list[ConfigRow], metric: str) -> str:
-    lines = [
-        f"| configuration | config_id | {metric} (mean ± std, %) | seeds | min–max (%) | failed |",
-        "|---|---|---|---|---|---|",
-    ]
+def find_baseline(rows: list[ConfigRow], baseline: str | None) -> ConfigRow | None:
+    if baseline is None:
+        return None
+    matches = [r for r in rows if baseline in (r.variant, r.label, r.config_id)]
+    if not matches:
+        raise SegdistError(f"--baseline {baseline!r} matches no configuration; have: "
+                           + ", ".join(sorted({r.label for r in rows})))
+    return matches[0]
+
+
+def table_rows(rows: list[ConfigRow], metric: str, baseline: ConfigRow | None) -> tuple[list[str], list[list[str]]]:
+    extra_keys = sorted({k for r in rows for k in r.extra},
+                        key=lambda k: (int(BOUNDARY_METRIC.match(k).group(2)), k))
+    header = ["configuration", "config_id", "n", f"{metric} mean ± std (%)", "95% CI (%)", "min–max (%)"]
+    if baseline is not None:
+        header.append(f"Δ vs {baseline.label} (p, Welch)")
+    header += [f"{k} (%)" for k in extra_keys] + ["not finished", "seeds stopped because"]
+    body = []
     for row in rows:
+        s = row.summary
         if row.values:
-            spread = "" if len(row.values) < 2 else f" ± {100 * row.std:.2f}"
-            mean = f"{100 * row.mean:.2f}{spread}"
+            mean = f"{100 * s.mean:.2f}" + (f" ± {100 * s.std:.2f}" if s.n > 1 else "")
+            ci = f"{100 * s.ci_low:.2f}–{100 * s.ci_high:.2f}" if s.n > 1 else "—"
             span = f"{100 * min(row.values):.2f}–{100 * max(row.values):.2f}"
         else:
-            mean, span = "—", "—"
-        lines.append(f"| {row.label} | {row.config_id} | {mean} | {len(row.values)} | {span} | {row.failed} |")
+            mean = ci = span = "—"
+        line = [row.label, row.config_id, str(s.n), mean, ci, span]
+        if baseline is not None:
+            if row is baseline or not row.values or not baseline.values:
+                line.append("baseline" if row is baseline else "—")
+            else:
+                delta = 100 * (s.mean - baseline.summary.mean)
+                line.append(f"{delta:+.2f} (p={welch_p_value(row.values, baseline.values):.3g})")
+        for key in extra_keys:
+            values = row.extra.get(key, [])
+            line.append(f"{100 * summarize(values).mean:.2f}" if values else "—")
+        line.append(", ".join(f"{n} {status}" for status, n in sorted(row.not_finished.items())) or "0")
+        line.append(row.decision)
+        body.append(line)
+    return header, body
+
+
+def format_table(header: list[str], body: list[list[str]], fmt: str) -> str:
+    if fmt == "csv":
+        out = io.StringIO()
+        writer = csv.writer(out, lineterminator="\n")
+        writer.writerow(header)
+        writer.writerows(body)
+        return out.getvalue()
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(cells) + " |" for cells in body]
     return "\n".join(lines)
 
 
-def study_table(client: MlflowClient, experiment_id: str, parent_run_id: str, metric: str = "val_miou") -> str:
-    return format_markdown(collect_rows(client, experiment_id, parent_run_id, metric), metric)
+def study_table(client: MlflowClient, experiment_id: str, parent_run_id: str, metric: str = "val_miou",
+                baseline: str | None = None, fmt: str = "md", decisions: dict | None = None) -> str:
+    rows = collect_rows(client, experiment_id, parent_run_id, metric)
+    if decisions is None:
+        decisions = load_decisions(client, parent_run_id)
+    for row in rows:
+        row.decision = decisions.get(row.config_id, {}).get("stop_reason", "")
+    header, body = table_rows(rows, metric, find_baseline(rows, baseline))
+    return format_table(header, body, fmt)
+
+
+def load_decisions(client: MlflowClient, parent_run_id: str) -> dict:
+    try:
+        path = client.download_artifacts(parent_run_id, "seed_decisions.json")
+    except Exception:  # noqa: BLE001 - a study without the artifact (interrupted) has none
+        return {}
+    with open(path) as handle:
+        return json.load(handle)
+
+
+def seeds_figure(rows: list[ConfigRow], metric: str) -> bytes:
+    """A PNG with every seed's result per configuration, the mean and its 95% CI."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    shown = [r for r in rows if r.values]
+    fig, ax = plt.subplots(figsize=(7, 0.5 + 0.45 * max(len(shown), 1)))
+    for y, row in enumerate(shown):
+        s = row.summary
+        ax.scatter([100 * v for v in row.values], [y] * len(row.values), s=18, color="tab:blue", zorder=3)
+        if s.n > 1:
+            ax.errorbar(100 * s.mean, y, xerr=[[100 * (s.mean - s.ci_low)], [100 * (s.ci_high - s.mean)]],
+                        fmt="|", color="black", capsize=4, zorder=2)
+    ax.set_yticks(range(len(shown)), [r.label for r in shown])
+    ax.set_xlabel(f"{metric} (%) — dots: seeds; bars: mean and 95% CI")
+    ax.invert_yaxis()
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110)
+    plt.close(fig)
+    return buffer.getvalue()
 
 
 def latest_study_run(client: MlflowClient, experiment_id: str) -> str:
     runs = client.search_runs(
-        [experiment_id], filter_string=f"tags.`{STUDY_TAG}` != ''",
+        [experiment_id], filter_string=f"tags.`{ROLE_TAG}` = 'study'",
         order_by=["attributes.start_time DESC"], max_results=1,
     )
     if not runs:
@@ -93,11 +185,14 @@ def latest_study_run(client: MlflowClient, experiment_id: str) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m segdist.report",
-        description="Print a study's results aggregated over seeds (markdown), read from MLflow.",
+        description="Print a study's results aggregated over seeds, read from MLflow: mean ± std, "
+        "95%% CI, Δ vs a baseline with Welch's p-value. Also saved to the study's parent run.",
     )
     parser.add_argument("--experiment", default="quickstart", help="MLflow experiment (= study name)")
     parser.add_argument("--run", default=None, help="parent (study) run id; default: the latest study run")
+    parser.add_argument("--baseline", default=None, help="variant, label or config_id to compare against")
     parser.add_argument("--metric", default="val_miou", help="final-epoch metric to aggregate")
+    parser.add_argument("--format", choices=("md", "csv"), default="md")
     parser.add_argument("--tracking-uri", default=None,
                         help="MLflow tracking URI; default: MLFLOW_TRACKING_URI, else sqlite:///./mlflow.db")
     args = parser.parse_args(argv)
@@ -110,8 +205,18 @@ def main(argv: list[str] | None = None) -> int:
     if experiment is None:
         raise SegdistError(f"no MLflow experiment named {args.experiment!r} in {uri}")
     parent = args.run or latest_study_run(client, experiment.experiment_id)
-    print(study_table(client, experiment.experiment_id, parent, args.metric))
+    table = study_table(client, experiment.experiment_id, parent, args.metric, args.baseline, args.format)
+    print(table)
+    client.log_text(parent, table, f"report_{args.metric}.{args.format}")
+    rows = collect_rows(client, experiment.experiment_id, parent, args.metric)
+    client.log_image(parent, png_image(seeds_figure(rows, args.metric)), f"seeds_{args.metric}.png")
     return 0
+
+
+def png_image(data: bytes):
+    from PIL import Image
+
+    return Image.open(io.BytesIO(data))
 
 
 if __name__ == "__main__":

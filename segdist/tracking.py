@@ -1,16 +1,23 @@
 """MLflow: one parent run per study, one child run per trial.
 
 Everything is logged from the Tune driver (a Tune callback), so only the driver has to
-reach the tracking store; training workers never talk to MLflow.
+reach the tracking store; training workers never talk to MLflow. If the store becomes
+unreachable mid-study, training goes on: writes are queued in order and flushed when it
+answers again; whatever is still queued at the end is saved to a file and reported.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import os
+import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
+from collections import deque
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -23,10 +30,14 @@ from segdist.errors import SegdistError
 DEFAULT_STORE = "mlflow.db"
 PARENT_TAG = "mlflow.parentRunId"
 TRIAL_KEY_TAG = "segdist.trial_key"  # config_id + seed: finds a trial's run again on resume
+STATUS_TAG = "segdist.status"  # finished | diverged | failed | stopped_early
 STUDY_TAG = "segdist.study"
+ROLE_TAG = "segdist.role"  # study | trial
 # Result keys that are Tune/Ray bookkeeping, not training metrics.
 _NOT_METRICS = {"epoch", "training_iteration", "timestamp", "time_this_iter_s", "time_total_s", "pid",
                 "time_since_restore", "iterations_since_restore", "worker_started_at", "done"}
+# Environment variables whose values must never reach MLflow (tokens, keys, passwords).
+_SECRET_WORDS = ("TOKEN", "SECRET", "PASSWORD", "KEY", "CREDENTIAL")
 
 
 def resolve_tracking_uri(cli_value: str | None) -> str:
@@ -68,6 +79,15 @@ def get_or_create_experiment(client: MlflowClient, name: str, uri: str) -> str:
     return client.create_experiment(name, artifact_location=artifact_location(uri, name))
 
 
+def redact(value: Any) -> str:
+    """A param value with any secret from the environment blanked out."""
+    text = str(value)
+    for name, secret in os.environ.items():
+        if secret and len(secret) >= 8 and any(word in name.upper() for word in _SECRET_WORDS):
+            text = text.replace(secret, "***")
+    return text
+
+
 def numeric_metrics(result: dict[str, Any]) -> dict[str, float]:
     return {
         key: float(value)
@@ -82,26 +102,73 @@ def numeric_metrics(result: dict[str, Any]) -> dict[str, float]:
 class StudyTracker:
     """The study's parent run and its trials' child runs, addressed by run id."""
 
-    def __init__(self, uri: str, experiment: str, study_name: str, params: dict[str, Any]):
+    def __init__(self, uri: str, experiment: str, study_name: str, parent_run_id: str | None = None):
+        self.uri = uri
         self.client = MlflowClient(tracking_uri=uri)
         self.experiment_id = get_or_create_experiment(self.client, experiment, uri)
-        run = self.client.create_run(
-            self.experiment_id, run_name=f"{study_name}-{time.strftime('%Y%m%d-%H%M%S')}",
-            tags={STUDY_TAG: study_name, "segdist.role": "study"},
+        self.pending: deque[tuple[str, Callable[[], Any]]] = deque()
+        if parent_run_id is None:
+            run = self.client.create_run(
+                self.experiment_id, run_name=f"{study_name}-{time.strftime('%Y%m%d-%H%M%S')}",
+                tags={STUDY_TAG: study_name, ROLE_TAG: "study"},
+            )
+            parent_run_id = run.info.run_id
+        else:
+            self.client.update_run(parent_run_id, status="RUNNING")
+        self.parent_run_id = parent_run_id
+
+    # Writes go through _write: in order, and queued while the store does not answer.
+    def _write(self, what: str, operation: Callable[[], Any]) -> None:
+        self.pending.append((what, operation))
+        self.flush()
+
+    def flush(self) -> bool:
+        while self.pending:
+            what, operation = self.pending[0]
+            try:
+                operation()
+            except Exception as err:  # noqa: BLE001 - any store failure: keep it for later
+                if len(self.pending) == 1 or not getattr(self, "_warned", False):
+                    print(f"segdist: warning: MLflow write failed ({what}): {err}; "
+                          f"{len(self.pending)} write(s) queued, training goes on", file=sys.stderr)
+                    self._warned = True
+                return False
+            self.pending.popleft()
+        self._warned = False
+        return True
+
+    def save_pending(self, folder: Path) -> Path | None:
+        """What could not be written at the end, as JSON lines, so nothing is silently lost."""
+        if not self.pending:
+            return None
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / f"mlflow-unsent-{int(time.time())}.jsonl"
+        with path.open("w") as out:
+            for what, _ in self.pending:
+                out.write(json.dumps({"write": what}) + "\n")
+        return path
+
+    def existing_trials(self) -> dict[str, Any]:
+        """trial_key -> the run of this study that already holds it (for --resume)."""
+        runs = self.client.search_runs(
+            [self.experiment_id], filter_string=f"tags.`{PARENT_TAG}` = '{self.parent_run_id}'",
+            max_results=50000,
         )
-        self.parent_run_id = run.info.run_id
-        self.log_params(self.parent_run_id, params)
+        return {run.data.tags[TRIAL_KEY_TAG]: run for run in runs if TRIAL_KEY_TAG in run.data.tags}
 
     def log_params(self, run_id: str, params: dict[str, Any]) -> None:
-        # MLflow caps a param value at 6000 characters; ours are short, but be safe.
-        items = [Param(key, str(value)[:6000]) for key, value in params.items()]
+        items = [Param(key, redact(value)[:6000]) for key, value in params.items()]
         for start in range(0, len(items), 100):
-            self.client.log_batch(run_id, params=items[start:start + 100])
+            chunk = items[start:start + 100]
+            self._write(f"params of {run_id}", lambda chunk=chunk: self.client.log_batch(run_id, params=chunk))
 
-    def start_trial(self, name: str, trial_key: str, params: dict[str, Any]) -> str:
+    def start_trial(self, name: str, trial_key: str, params: dict[str, Any], run_id: str | None = None) -> str:
+        if run_id is not None:  # a resumed trial continues its own run
+            self._write(f"reopen {run_id}", lambda: self.client.update_run(run_id, status="RUNNING"))
+            return run_id
         run = self.client.create_run(
             self.experiment_id, run_name=name,
-            tags={PARENT_TAG: self.parent_run_id, TRIAL_KEY_TAG: trial_key, "segdist.role": "trial"},
+            tags={PARENT_TAG: self.parent_run_id, TRIAL_KEY_TAG: trial_key, ROLE_TAG: "trial"},
         )
         self.log_params(run.info.run_id, params)
         return run.info.run_id
@@ -110,42 +177,71 @@ class StudyTracker:
         now = int(time.time() * 1000)
         items = [Metric(key, value, now, step) for key, value in metrics.items() if not math.isnan(value)]
         for start in range(0, len(items), 500):
-            self.client.log_batch(run_id, metrics=items[start:start + 500])
+            chunk = items[start:start + 500]
+            self._write(f"metrics step {step} of {run_id}",
+                        lambda chunk=chunk: self.client.log_batch(run_id, metrics=chunk))
 
     def set_tags(self, run_id: str, tags: dict[str, str]) -> None:
-        self.client.log_batch(run_id, tags=[RunTag(key, str(value)) for key, value in tags.items()])
+        items = [RunTag(key, str(value)) for key, value in tags.items()]
+        self._write(f"tags of {run_id}", lambda: self.client.log_batch(run_id, tags=items))
 
     def log_artifacts(self, run_id: str, directory: str, artifact_path: str) -> None:
-        self.client.log_artifacts(run_id, directory, artifact_path=artifact_path)
+        self._write(f"artifacts of {run_id}",
+                    lambda: self.client.log_artifacts(run_id, directory, artifact_path=artifact_path))
 
     def log_text(self, run_id: str, text: str, name: str) -> None:
-        self.client.log_text(run_id, text, name)
+        self._write(f"{name} of {run_id}", lambda: self.client.log_text(run_id, text, name))
 
     def finish(self, run_id: str, status: str = "FINISHED") -> None:
-        self.client.set_terminated(run_id, status=status)
+        self._write(f"end of {run_id}", lambda: self.client.set_terminated(run_id, status=status))
+
+
+def copy_checkpoint(checkpoint_path: str, storage: str, into: Path) -> Path:
+    """A checkpoint folder from the study's storage (local, NFS or s3://) to a local dir."""
+    import pyarrow.fs
+
+    if Path(checkpoint_path).is_dir():
+        return Path(checkpoint_path)
+    filesystem, _ = pyarrow.fs.FileSystem.from_uri(storage)
+    pyarrow.fs.copy_files(checkpoint_path, str(into), source_filesystem=filesystem)
+    return into
 
 
 class MlflowTrialCallback(Callback):
-    """Tune callback in the driver: a child run per trial, every epoch's metrics, the best
-    checkpoint as an artifact, and the trial's final status."""
+    """Tune callback in the driver: a child run per trial, every epoch's metrics exactly
+    once, the best checkpoint as an artifact, and the trial's final status."""
 
-    def __init__(self, tracker: StudyTracker):
+    def __init__(self, tracker: StudyTracker, storage: str, existing: dict[str, Any] | None = None):
         self.tracker = tracker
+        self.storage = storage
+        self.existing = existing or {}
         self.runs: dict[str, str] = {}  # Tune trial id -> MLflow run id
+        self.last_epoch: dict[str, int] = {}
+        self.last_result: dict[str, dict] = {}
         self.best: dict[str, tuple[float, str | None]] = {}
         self.started_at: dict[str, float] = {}
         self.timings: dict[str, dict[str, float]] = {}
 
     def on_trial_start(self, iteration, trials, trial, **info):
         config = trial.config["trial"]
-        params = dict(config["flat"])
+        key = config["trial_key"]
+        previous = self.existing.get(key)
         name = f"{config['model']['variant']}-{config['config_id']}-seed{config['train']['seed']}"
-        self.runs[trial.trial_id] = self.tracker.start_trial(name, config["trial_key"], params)
+        run_id = previous.info.run_id if previous is not None else None
+        self.runs[trial.trial_id] = self.tracker.start_trial(name, key, config["flat"], run_id=run_id)
+        if previous is not None:
+            steps = [m.step for m in self.tracker.client.get_metric_history(run_id, "val_miou")]
+            self.last_epoch[trial.trial_id] = max(steps, default=-1)
         self.started_at[trial.trial_id] = time.time()
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         run_id = self.runs[trial.trial_id]
         epoch = int(result["epoch"])
+        # A restarted worker group resumes after its last checkpoint: never log an epoch twice.
+        if epoch <= self.last_epoch.get(trial.trial_id, -1):
+            return
+        self.last_epoch[trial.trial_id] = epoch
+        self.last_result[trial.trial_id] = result
         self.tracker.log_metrics(run_id, numeric_metrics(result), step=epoch)
         model_info = {key: value for key, value in result.items() if key.startswith("model_")}
         if model_info:
@@ -162,20 +258,27 @@ class MlflowTrialCallback(Callback):
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         run_id = self.runs[trial.trial_id]
+        config = trial.config["trial"]
+        last = self.last_result.get(trial.trial_id, {})
+        completed = last.get("epoch", -1) >= config["train"]["epochs"] - 1
         _, checkpoint = self.best.get(trial.trial_id, (None, None))
-        if checkpoint and Path(checkpoint).is_dir():
-            self.tracker.log_artifacts(run_id, checkpoint, artifact_path="best_checkpoint")
+        if checkpoint:
+            with tempfile.TemporaryDirectory() as scratch:
+                local = copy_checkpoint(checkpoint, self.storage, Path(scratch))
+                self.tracker.log_artifacts(run_id, str(local), artifact_path="best_checkpoint")
         elapsed = time.time() - self.started_at[trial.trial_id]
         startup = self.timings.get(trial.trial_id, {}).get("startup_s", float("nan"))
         self.tracker.log_metrics(run_id, {"trial_wall_s": elapsed, "trial_train_s": elapsed - startup}, step=0)
-        self.tracker.set_tags(run_id, {"segdist.status": "finished"})
+        status = "finished" if completed else "stopped_early"
+        self.tracker.set_tags(run_id, {STATUS_TAG: status})
         self.tracker.finish(run_id, "FINISHED")
 
     def on_trial_error(self, iteration, trials, trial, **info):
-        run_id = self.runs.get(trial.trial_id)
-        if run_id is None:
-            return
         error = str(getattr(trial, "error_msg", "") or "")
+        if not error and getattr(trial, "error_file", None) and Path(trial.error_file).exists():
+            error = Path(trial.error_file).read_text()
         status = "diverged" if "TrainingDiverged" in error else "failed"
-        self.tracker.set_tags(run_id, {"segdist.status": status})
-        self.tracker.finish(run_id, "FAILED")
+        run_id = self.runs.get(trial.trial_id)
+        if run_id is not None:
+            self.tracker.set_tags(run_id, {STATUS_TAG: status, "segdist.error": redact(error.strip()[-500:])})
+            self.tracker.finish(run_id, "FAILED")

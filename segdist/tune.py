@@ -3,22 +3,38 @@ trial one Ray Train TorchTrainer with N DDP workers, everything recorded in MLfl
 
 With no --address and no RAY_ADDRESS it starts a local Ray; otherwise it joins the
 cluster, so `ray job submit -- python -m segdist.tune ...` works unchanged.
+
+Resume: MLflow holds which trials of a study finished. `--resume` reopens the latest
+unfinished run of the study, skips its finished trials, and re-creates every other
+trial's TorchTrainer with the same RunConfig(name, storage_path), so Ray Train continues
+it from its last checkpoint and its MLflow run gets only the epochs it lacks.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-from segdist.config import StudyConfig, TrialConfig, expand_trials, load_study
+import yaml
+
+from segdist.config import (
+    StudyConfig,
+    TrialConfig,
+    expand_configs,
+    load_study,
+    smoke_study,
+    trial_key,
+)
 from segdist.errors import SegdistError, exit_on_user_error
 
 DEFAULT_SPACE = Path(__file__).resolve().parent.parent / "tune_spaces" / "quickstart.yaml"
+SMOKE_SHARDS = ("shards/smoke/train", "shards/smoke/val")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -36,9 +52,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="MLflow tracking URI; default: MLFLOW_TRACKING_URI, else "
                         "sqlite:///./mlflow.db")
     parser.add_argument("--storage", default=None,
-                        help="where Ray keeps checkpoints and trial state (default: ./ray_results)")
+                        help="checkpoints and trial state: a local or NFS path, or an s3:// / gs:// "
+                        "URI (default: ./ray_results); every node must reach it")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue the latest unfinished run of this study")
+    parser.add_argument("--smoke", action="store_true",
+                        help="run the study at tiny width, size and length on CPU, one seed per "
+                        "configuration, on the generated data set")
     parser.add_argument("--dry-run", action="store_true",
-                        help="print the trials the study would run and exit")
+                        help="print the trials the study would start with and exit")
     return parser.parse_args(argv)
 
 
@@ -59,7 +81,7 @@ def absolute_paths(study: StudyConfig) -> StudyConfig:
 
 
 def prepare_data(study: StudyConfig) -> None:
-    """Make the synthetic data set and its shards if the study asks for them, then check
+    """Make the generated data set and its shards if the study asks for them, then check
     that both splits are readable — before any Ray process starts."""
     from segdist.data.prepare import prepare_synthetic
     from segdist.data.stream import read_dataset_info
@@ -71,22 +93,56 @@ def prepare_data(study: StudyConfig) -> None:
         read_dataset_info(split)
 
 
-def trial_params(trial: TrialConfig) -> dict[str, Any]:
-    """One entry of Tune's grid: the trial's config plus what the MLflow callback needs."""
+def prepare_smoke(study: StudyConfig) -> StudyConfig:
+    from segdist.data.prepare import prepare_synthetic
+
+    train, val = (str(Path(p).resolve()) for p in SMOKE_SHARDS)
+    prepare_synthetic(str(Path("data/smoke").resolve()), train, val, n_train=16, n_val=4)
+    return smoke_study(study, train, val)
+
+
+def resolve_storage(storage: str | None) -> str:
+    """A local/NFS folder (created) or a pyarrow URI; checked before any training."""
+    if storage and "://" in storage:
+        import pyarrow.fs
+
+        try:
+            filesystem, path = pyarrow.fs.FileSystem.from_uri(storage)
+            filesystem.get_file_info(path)
+        except Exception as err:  # noqa: BLE001 - pyarrow raises several kinds
+            raise SegdistError(f"storage {storage} is unreachable: {str(err).splitlines()[0]}") from None
+        return storage
+    folder = Path(storage or "ray_results").resolve()
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise SegdistError(f"storage {folder}: cannot create it: {err.strerror}") from None
+    if not os.access(folder, os.W_OK):
+        raise SegdistError(f"storage {folder}: not writable")
+    return str(folder)
+
+
+def trial_params(trial: TrialConfig, storage: str) -> dict[str, Any]:
+    """One Tune trial's config: the trial plus what the MLflow callback needs."""
     values = dataclasses.asdict(trial)
     values["flat"] = trial.flat()
-    values["trial_key"] = f"{trial.config_id}-seed{trial.train.seed}"
-    return values
+    values["trial_key"] = trial_key(trial)
+    return {"trial": values, "storage": storage}
 
 
-def describe_trials(trials: list[TrialConfig]) -> str:
-    lines = [f"{len(trials)} trials ({len({t.config_id for t in trials})} configurations x seeds):"]
-    for trial in trials:
-        chosen = " ".join(f"{key}={value}" for key, value in trial.overrides.items())
+def describe_trials(study: StudyConfig) -> str:
+    configs = expand_configs(study)
+    seeds = study.seeds
+    how = (f"adaptive seeds: {len(seeds.initial)} to {seeds.max_seeds} per configuration, "
+           f"until the 95% CI half-width <= {seeds.ci_halfwidth:g} points"
+           if seeds.adaptive else f"seeds {list(seeds.initial)}")
+    lines = [f"{len(configs) * len(seeds.initial)} trials ({len(configs)} configurations x seeds; {how}):"]
+    for config in configs:
+        chosen = " ".join(f"{key}={value}" for key, value in config.overrides.items())
         lines.append(
-            f"  {trial.config_id} seed={trial.train.seed} variant={trial.model.variant} "
-            f"lr={trial.train.lr:g} head_lr_mult={trial.train.head_lr_mult:g} "
-            f"epochs={trial.train.epochs} workers={trial.resources.workers} {chosen}".rstrip()
+            f"  {config.config_id} variant={config.model.variant} lr={config.train.lr:g} "
+            f"head_lr_mult={config.train.head_lr_mult:g} crop={config.train.crop_size} "
+            f"epochs={config.train.epochs} workers={config.resources.workers} {chosen}".rstrip()
         )
     return "\n".join(lines)
 
@@ -94,12 +150,10 @@ def describe_trials(trials: list[TrialConfig]) -> str:
 # ----------------------------------------------------------------- Ray
 
 
-def connect_ray(address: str | None, study: StudyConfig) -> None:
+def connect_ray(address: str | None) -> None:
     import ray
 
     address = address or os.environ.get("RAY_ADDRESS")
-    # Workers find the package through the working directory on a cluster (ray job submit
-    # uploads it); locally the driver's sys.path is inherited.
     if address:
         ray.init(address=address, log_to_driver=True)
     else:
@@ -131,9 +185,10 @@ def check_resources_fit(study: StudyConfig) -> None:
 
 
 def run_trial(params: dict[str, Any]) -> None:
-    """One Tune trial = one Ray Train run (Train V2: build and fit a TorchTrainer here)."""
+    """One Tune trial = one Ray Train run (Train V2: build and fit a TorchTrainer here).
+    Its RunConfig name is the trial key under the study run's storage, so re-creating it
+    (worker restart, --resume) continues from the last checkpoint."""
     import ray.train
-    import ray.tune
     from ray.train.torch import TorchConfig, TorchTrainer
     from ray.tune.integration.ray_train import TuneReportCallback
 
@@ -145,7 +200,6 @@ def run_trial(params: dict[str, Any]) -> None:
     worker_resources = {"CPU": res["cpus_per_worker"]}
     if use_gpu:
         worker_resources["GPU"] = res["gpus_per_worker"]
-    context = ray.tune.get_context()
     trainer = TorchTrainer(
         ray_train_loop,
         train_loop_config={"trial": trial},
@@ -154,83 +208,175 @@ def run_trial(params: dict[str, Any]) -> None:
             num_workers=res["workers"], use_gpu=use_gpu, resources_per_worker=worker_resources
         ),
         run_config=ray.train.RunConfig(
-            name=f"{context.get_experiment_name()}-{trial['trial_key']}",
+            name=trial["trial_key"],
             storage_path=params["storage"],
             checkpoint_config=ray.train.CheckpointConfig(
                 num_to_keep=1, checkpoint_score_attribute="val_miou", checkpoint_score_order="max"
             ),
+            failure_config=ray.train.FailureConfig(max_failures=trial["train"]["max_failures"]),
             callbacks=[TuneReportCallback()],
         ),
     )
     trainer.fit()
 
 
-def run_study(study: StudyConfig, trials: list[TrialConfig], args: argparse.Namespace, tracking_uri: str):
+def make_searcher(scheduler, storage: str):
+    """Tune asks this for the next trial; it hands out the seed scheduler's trials."""
+    from ray.tune.search import Searcher
+
+    class SeedSearcher(Searcher):
+        def __init__(self):
+            super().__init__()
+            self.live: dict[str, TrialConfig] = {}
+
+        def suggest(self, trial_id: str):
+            trial = scheduler.next_trial()
+            if trial is None:
+                return Searcher.FINISHED if scheduler.done() else None
+            self.live[trial_id] = trial
+            return trial_params(trial, storage)
+
+        def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False):
+            trial = self.live.pop(trial_id, None)
+            if trial is None:
+                return
+            complete = bool(result) and not error and result.get("epoch", -1) >= trial.train.epochs - 1
+            scheduler.record(trial, result.get("val_miou") if complete else None)
+
+    return SeedSearcher()
+
+
+def find_study_to_resume(uri: str, study: StudyConfig) -> str:
+    from mlflow.tracking import MlflowClient
+
+    from segdist.tracking import ROLE_TAG, STUDY_TAG
+
+    client = MlflowClient(tracking_uri=uri)
+    experiment = client.get_experiment_by_name(study.name)
+    runs = [] if experiment is None else client.search_runs(
+        [experiment.experiment_id],
+        filter_string=f"tags.`{STUDY_TAG}` = '{study.name}' and tags.`{ROLE_TAG}` = 'study'",
+        order_by=["attributes.start_time DESC"], max_results=1,
+    )
+    if not runs:
+        raise SegdistError(f"--resume: no earlier run of study {study.name!r} in {uri}")
+    if runs[0].info.status == "FINISHED":
+        raise SegdistError(f"--resume: the latest run of study {study.name!r} ({runs[0].info.run_id}) already finished")
+    return runs[0].info.run_id
+
+
+def run_study(study: StudyConfig, args: argparse.Namespace, tracking_uri: str, storage_root: str):
     import ray.tune
+    from ray.tune.schedulers import ASHAScheduler
 
-    from segdist.report import study_table
-    from segdist.tracking import MlflowTrialCallback, StudyTracker
+    from segdist.report import collect_rows, png_image, seeds_figure, study_table
+    from segdist.seeds import SeedScheduler
+    from segdist.tracking import STATUS_TAG, MlflowTrialCallback, StudyTracker
 
-    storage = str(Path(args.storage or "ray_results").resolve()) if "://" not in (args.storage or "") else args.storage
-    tracker = StudyTracker(tracking_uri, study.name, study.name, {"study.path": study.path, "study.seeds": list(study.seeds),
-                                                                  "study.trials": len(trials)})
-    tracker.log_text(tracker.parent_run_id, Path(study.path).read_text(), "study.yaml")
-    callback = MlflowTrialCallback(tracker)
+    parent = find_study_to_resume(tracking_uri, study) if args.resume else None
+    tracker = StudyTracker(tracking_uri, study.name, study.name, parent_run_id=parent)
+    existing = tracker.existing_trials() if parent else {}
+    finished = {
+        key: run.data.metrics["val_miou"]
+        for key, run in existing.items()
+        if run.data.tags.get(STATUS_TAG) == "finished" and "val_miou" in run.data.metrics
+    }
+    if parent is None:
+        tracker.log_params(tracker.parent_run_id, {
+            "study.path": study.path, "study.seeds": dataclasses.asdict(study.seeds),
+            "study.configurations": len(expand_configs(study)), "study.smoke": study.smoke,
+        })
+        tracker.log_text(tracker.parent_run_id, Path(study.path).read_text(), "study.yaml")
+    # One folder per study run: a fresh study never resumes an old one's checkpoints.
+    storage = f"{storage_root.rstrip('/')}/{study.name}/{tracker.parent_run_id}"
+    scheduler = SeedScheduler(expand_configs(study), study.seeds, finished=finished)
+    callback = MlflowTrialCallback(tracker, storage, existing=existing)
+    screening = study.screening
     tuner = ray.tune.Tuner(
         # The trial function only waits on its TorchTrainer, whose workers hold the CPUs.
         # Tune refuses an empty request and its default (1 CPU) would starve the workers
         # on a small machine, so it asks for a token byte of memory instead.
         ray.tune.with_resources(run_trial, {"memory": 1}),
-        param_space={
-            "trial": ray.tune.grid_search([trial_params(t) for t in trials]),
-            "storage": storage,
-        },
-        tune_config=ray.tune.TuneConfig(max_concurrent_trials=study.resources.max_concurrent_trials),
+        tune_config=ray.tune.TuneConfig(
+            search_alg=make_searcher(scheduler, storage),
+            num_samples=-1,  # until the searcher says FINISHED
+            max_concurrent_trials=study.resources.max_concurrent_trials,
+            metric="val_miou", mode="max",
+            scheduler=ASHAScheduler(
+                time_attr="training_iteration", max_t=study.base.train.epochs,
+                grace_period=screening.grace_period, reduction_factor=screening.reduction_factor,
+            ) if screening else None,
+        ),
         run_config=ray.tune.RunConfig(
-            name=f"{study.name}-{time.strftime('%Y%m%d-%H%M%S')}",
-            storage_path=storage,
-            callbacks=[callback],
-            verbose=1,
+            name="tune", storage_path=storage, callbacks=[callback], verbose=1,
         ),
     )
     results = tuner.fit()
-    failed = sum(1 for r in results if r.error is not None)
-    table = study_table(tracker.client, tracker.experiment_id, tracker.parent_run_id)
+    decisions = scheduler.decisions()
+    tracker.log_text(tracker.parent_run_id, json.dumps(decisions, indent=2), "seed_decisions.json")
+    tracker.flush()
+    table = study_table(tracker.client, tracker.experiment_id, tracker.parent_run_id,
+                        baseline=study.baseline, decisions=decisions)
     tracker.log_text(tracker.parent_run_id, table, "report.md")
-    tracker.finish(tracker.parent_run_id, "FAILED" if failed == len(trials) else "FINISHED")
-    return table, failed, callback
+    rows = collect_rows(tracker.client, tracker.experiment_id, tracker.parent_run_id, "val_miou")
+    figure = seeds_figure(rows, "val_miou")
+    tracker._write("seeds.png", lambda: tracker.client.log_image(tracker.parent_run_id, png_image(figure), "seeds.png"))
+    errors = sum(1 for result in results if result.error is not None)
+    tracker.finish(tracker.parent_run_id, "FINISHED")
+    unsent = tracker.save_pending(Path(storage_root) if "://" not in storage_root else Path("."))
+    return table, errors, callback, unsent
 
 
 @exit_on_user_error
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if _study_kind(args.space) == "crf_grid":
+        from segdist.crf import run_crf_grid
+
+        return run_crf_grid(args)
     study = absolute_paths(load_study(args.space))
-    trials = expand_trials(study)
     if args.dry_run:
-        print(describe_trials(trials))
+        print(describe_trials(smoke_study(study, *SMOKE_SHARDS) if args.smoke else study))
         return 0
 
     from segdist.tracking import check_reachable, resolve_tracking_uri
 
     tracking_uri = resolve_tracking_uri(args.tracking_uri)
     check_reachable(tracking_uri)
+    storage_root = resolve_storage(args.storage)
+    study = prepare_smoke(study) if args.smoke else study
     prepare_data(study)
     started = time.time()
-    connect_ray(args.address, study)
+    connect_ray(args.address)
     check_resources_fit(study)
-    print(describe_trials(trials), flush=True)
-    table, failed, callback = run_study(study, trials, args, tracking_uri)
+    print(describe_trials(study), flush=True)
+    table, errors, callback, unsent = run_study(study, args, tracking_uri, storage_root)
     print()
     print(table)
     startup = [t["startup_s"] for t in callback.timings.values()]
     if startup:
-        print(f"\nmean trial startup (Ray worker group + data): {sum(startup) / len(startup):.1f} s")
+        print(f"\nmean trial startup (Ray worker group up to the training function): "
+              f"{sum(startup) / len(startup):.1f} s")
     print(f"study wall time: {time.time() - started:.0f} s; MLflow: {tracking_uri} "
           f"(experiment {study.name!r}, parent run {callback.tracker.parent_run_id})")
-    if failed:
-        print(f"segdist: {failed} of {len(trials)} trials failed; see the MLflow runs", file=sys.stderr)
+    if unsent:
+        print(f"segdist: error: MLflow did not come back; the writes it missed are listed in {unsent}",
+              file=sys.stderr)
+        return 1
+    if errors:
+        print(f"segdist: {errors} trial(s) failed or diverged; see the table and the MLflow runs",
+              file=sys.stderr)
         return 1
     return 0
+
+
+def _study_kind(path: str) -> str:
+    """Training studies have no `kind`; other kinds (crf_grid) have their own runner."""
+    try:
+        raw = yaml.safe_load(Path(path).read_text())
+    except (OSError, yaml.YAMLError):
+        return "training"  # load_study reports the problem properly
+    return raw.get("kind", "training") if isinstance(raw, dict) else "training"
 
 
 if __name__ == "__main__":

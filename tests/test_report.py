@@ -1,17 +1,32 @@
-import math
-
-from segdist.report import ConfigRow, format_markdown
+from segdist.report import ConfigRow, format_table, seeds_figure, table_rows
 
 
-def test_rows_show_mean_std_seeds_and_range():
-    row = ConfigRow("abc", "naked train.lr=0.01", values=[0.60, 0.62, 0.64])
-    table = format_markdown([row], "val_miou")
-    assert "| naked train.lr=0.01 | abc | 62.00 ± 2.00 | 3 | 60.00–64.00 | 0 |" in table
+def test_rows_show_mean_std_ci_range_and_welch_against_the_baseline():
+    base = ConfigRow("b", "naked", "naked", values=[0.683, 0.654, 0.668])
+    other = ConfigRow("s", "naked.sobel", "naked.sobel", values=[0.682, 0.684])
+    header, body = table_rows([other, base], "val_miou", base)
+    table = format_table(header, body, "md")
+    assert "Δ vs naked (p, Welch)" in table
+    assert "| naked | b | 3 | 66.83 ± 1.45 | 63.23–70.44 | 65.40–68.30 | baseline |" in table
+    assert "| naked.sobel | s | 2 | 68.30 ± 0.14 |" in table and "+1.47 (p=0.221)" in table
 
 
-def test_single_seed_has_no_spread_and_failures_are_counted():
-    rows = [ConfigRow("a", "x", values=[0.5]), ConfigRow("b", "y", failed=2)]
-    table = format_markdown(rows, "val_miou")
-    assert "| x | a | 50.00 | 1 | 50.00–50.00 | 0 |" in table
-    assert "| y | b | — | 0 | — | 2 |" in table
-    assert math.isnan(rows[0].std)
+def test_single_seed_and_unfinished_trials():
+    rows = [ConfigRow("a", "x", values=[0.5]), ConfigRow("b", "y", not_finished={"diverged": 2})]
+    header, body = table_rows(rows, "val_miou", None)
+    table = format_table(header, body, "md")
+    assert "| x | a | 1 | 50.00 | — | 50.00–50.00 | 0 |" in table
+    assert "| y | b | 0 | — | — | — | 2 diverged |" in table
+
+
+def test_boundary_columns_appear_when_measured_and_csv_works():
+    row = ConfigRow("a", "spk", values=[0.6, 0.62], extra={"boundary_k11_miou": [0.58, 0.59],
+                                                           "inner_k11_miou": [0.68, 0.69]})
+    header, body = table_rows([row], "val_miou", None)
+    assert "boundary_k11_miou (%)" in header and "inner_k11_miou (%)" in header
+    csv_text = format_table(header, body, "csv")
+    assert csv_text.splitlines()[1].startswith("spk,a,2,61.00 ± 1.41")
+
+
+def test_seed_figure_is_a_png():
+    assert seeds_figure([ConfigRow("a", "x", values=[0.5, 0.6])], "val_miou")[:8] == b"\x89PNG\r\n\x1a\n"

@@ -35,8 +35,15 @@ def test_dry_run_lists_every_configuration_and_seed(tmp_path):
     space = write(tmp_path / "s.yaml", {"seeds": [0, 1, 2], "search": {"train.lr": {"grid": [0.1, 0.2]}}})
     result = tune("--space", str(space), "--dry-run", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
-    assert "6 trials (2 configurations x seeds)" in result.stdout
-    assert result.stdout.count("seed=2") == 2
+    assert "6 trials (2 configurations x seeds; seeds [0, 1, 2])" in result.stdout
+    assert result.stdout.count("variant=naked") == 2
+
+
+def test_dry_run_of_adaptive_seeds_says_so(tmp_path):
+    space = write(tmp_path / "s.yaml", {"seeds": {"min": 2, "max": 6, "ci_halfwidth": 0.5}})
+    result = tune("--space", str(space), "--dry-run", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "adaptive seeds: 2 to 6 per configuration" in result.stdout
 
 
 def test_default_space_is_the_quickstart(tmp_path):

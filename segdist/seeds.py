@@ -1,0 +1,117 @@
+"""Which trial to run next: every configuration over its seeds, fixed or adaptive.
+
+Adaptive seeds work in rounds. Every configuration starts with its initial seeds; when a
+round has finished, a configuration gets one more seed only if its 95% interval is still
+wider than the target and still overlaps the best configuration's interval (the best one
+keeps going until its own interval is narrow enough), up to `max_seeds`. So compute goes where
+the ranking is still uncertain. Every stop has a reason, for the report.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from segdist.config import SeedPolicy, TrialConfig, trial_key, with_seed
+from segdist.stats import summarize
+
+# The decisions compare intervals of val_miou (0..1); targets are given in points (x100).
+POINTS = 100.0
+
+
+@dataclass
+class ConfigSeeds:
+    config: TrialConfig
+    values: dict[int, float] = field(default_factory=dict)  # seed -> final metric
+    failed: set[int] = field(default_factory=set)
+    stop_reason: str | None = None
+
+    @property
+    def tried(self) -> int:
+        return len(self.values) + len(self.failed)
+
+    def next_seed(self) -> int:
+        used = set(self.values) | self.failed
+        return max(used, default=-1) + 1
+
+
+class SeedScheduler:
+    def __init__(self, configs: list[TrialConfig], policy: SeedPolicy, finished: dict[str, float] | None = None):
+        """`finished` maps trial keys already done (a resumed study) to their final metric."""
+        self.policy = policy
+        self.configs = {c.config_id: ConfigSeeds(c) for c in configs}
+        self.queue: deque[TrialConfig] = deque()
+        self.running: set[str] = set()
+        finished = finished or {}
+        for state in self.configs.values():
+            for seed in policy.initial:
+                trial = with_seed(state.config, seed)
+                if trial_key(trial) in finished:
+                    state.values[seed] = finished[trial_key(trial)]
+                else:
+                    self.queue.append(trial)
+
+    def next_trial(self) -> TrialConfig | None:
+        """The next trial to start, or None when the current round must finish first."""
+        if not self.queue and not self.running:
+            self._plan_next_round()
+        if not self.queue:
+            return None
+        trial = self.queue.popleft()
+        self.running.add(trial_key(trial))
+        return trial
+
+    def record(self, trial: TrialConfig, value: float | None) -> None:
+        """A trial ended: its final metric, or None if it failed, diverged or was stopped."""
+        self.running.discard(trial_key(trial))
+        state = self.configs[trial.config_id]
+        if value is None:
+            state.failed.add(trial.train.seed)
+        else:
+            state.values[trial.train.seed] = value
+
+    def done(self) -> bool:
+        if self.queue or self.running:
+            return False
+        self._plan_next_round()
+        return not self.queue
+
+    def decisions(self) -> dict[str, dict]:
+        return {
+            config_id: {
+                "seeds": sorted(state.values),
+                "failed_seeds": sorted(state.failed),
+                "stop_reason": state.stop_reason or "fixed seeds",
+            }
+            for config_id, state in self.configs.items()
+        }
+
+    # ------------------------------------------------------------------ rounds
+
+    def _plan_next_round(self) -> None:
+        if not self.policy.adaptive:
+            return
+        open_configs = [s for s in self.configs.values() if s.stop_reason is None]
+        summaries = {s.config.config_id: summarize(list(s.values.values())) for s in self.configs.values()}
+        ranked = [s for s in self.configs.values() if summaries[s.config.config_id].n >= 1]
+        best = max(ranked, key=lambda s: summaries[s.config.config_id].mean, default=None)
+        for state in open_configs:
+            summary = summaries[state.config.config_id]
+            if state.tried >= self.policy.max_seeds:
+                state.stop_reason = f"reached max seeds ({self.policy.max_seeds})"
+                continue
+            if summary.n >= 2 and summary.halfwidth * POINTS <= self.policy.ci_halfwidth:
+                state.stop_reason = (
+                    f"95% CI half-width {summary.halfwidth * POINTS:.2f} <= {self.policy.ci_halfwidth:g}"
+                )
+                continue
+            if best is not None and summary.n >= 2 and not self._still_contested(state, best, summaries):
+                state.stop_reason = "95% CI no longer overlaps the best configuration's"
+                continue
+            self.queue.append(with_seed(state.config, state.next_seed()))
+
+    def _still_contested(self, state: ConfigSeeds, best: ConfigSeeds, summaries) -> bool:
+        """The best configuration always is (its own number should become precise)."""
+        if state is best:
+            return True
+        return summaries[state.config.config_id].overlaps(summaries[best.config.config_id])

@@ -1,0 +1,63 @@
+from segdist.config import expand_configs, parse_study, trial_key, with_seed
+from segdist.seeds import SeedScheduler
+
+
+def configs_and_policy(seeds, n_configs=2):
+    study = parse_study({"seeds": seeds, "search": {"train.lr": {"grid": [0.01 * (i + 1) for i in range(n_configs)]}}},
+                        "s.yaml")
+    return expand_configs(study), study.seeds
+
+
+def drain(scheduler, metric_of):
+    """Run the scheduler to the end; metric_of(config_index, seed) plays the training."""
+    ids = list(scheduler.configs)
+    ran = []
+    while not scheduler.done():
+        trial = scheduler.next_trial()
+        assert trial is not None
+        ran.append((ids.index(trial.config_id), trial.train.seed))
+        scheduler.record(trial, metric_of(ids.index(trial.config_id), trial.train.seed))
+    return ran
+
+
+def test_fixed_seeds_run_each_configuration_once_per_seed():
+    configs, policy = configs_and_policy([0, 1, 2])
+    ran = drain(SeedScheduler(configs, policy), lambda c, s: 0.5)
+    assert sorted(ran) == [(c, s) for c in (0, 1) for s in (0, 1, 2)]
+
+
+def test_adaptive_seeds_stop_a_clearly_worse_configuration_early():
+    configs, policy = configs_and_policy({"min": 2, "max": 8, "ci_halfwidth": 0.1})
+    # config 0 is noisy around 0.60; config 1 is far below, tight.
+    noise = [0.0, 0.02, -0.02, 0.01, -0.01, 0.015, -0.015, 0.005]
+    scheduler = SeedScheduler(configs, policy)
+    ran = drain(scheduler, lambda c, s: (0.60 + noise[s]) if c == 0 else (0.30 + noise[s] / 10))
+    seeds_per_config = {c: sum(1 for cc, _ in ran if cc == c) for c in (0, 1)}
+    assert seeds_per_config[1] < seeds_per_config[0] <= 8
+    decisions = scheduler.decisions()
+    assert "no longer overlaps" in decisions[configs[1].config_id]["stop_reason"]
+
+
+def test_adaptive_seeds_stop_at_the_interval_target():
+    configs, policy = configs_and_policy({"min": 2, "max": 8, "ci_halfwidth": 5.0}, n_configs=1)
+    ran = drain(SeedScheduler(configs, policy), lambda c, s: 0.5 + 0.001 * s)
+    assert len(ran) == 2
+
+
+def test_adaptive_seeds_never_pass_the_maximum():
+    configs, policy = configs_and_policy({"min": 2, "max": 4, "ci_halfwidth": 0.001})
+    ran = drain(SeedScheduler(configs, policy), lambda c, s: 0.5 + (0.05 if s % 2 else -0.05))
+    assert all(sum(1 for cc, _ in ran if cc == c) == 4 for c in (0, 1))
+
+
+def test_failed_trials_count_toward_the_maximum():
+    configs, policy = configs_and_policy({"min": 2, "max": 3, "ci_halfwidth": 0.001}, n_configs=1)
+    ran = drain(SeedScheduler(configs, policy), lambda c, s: None)
+    assert len(ran) == 3
+
+
+def test_finished_trials_of_a_resumed_study_are_not_run_again():
+    configs, policy = configs_and_policy([0, 1])
+    done = {trial_key(with_seed(configs[0], 0)): 0.5}
+    ran = drain(SeedScheduler(configs, policy, finished=done), lambda c, s: 0.5)
+    assert (0, 0) not in ran and len(ran) == 3
