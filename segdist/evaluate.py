@@ -370,7 +370,8 @@ def model_from_checkpoint(state: dict[str, Any], where: str):
         raise SegdistError(f"{where}: cannot rebuild the trial config ({type(err).__name__}: {err})") from None
     classes = list(state["classes"])
     try:
-        model = build_model(trial.model, len(classes))
+        # the weights come from the checkpoint: never load the ImageNet file it started from
+        model = build_model(dataclasses.replace(trial.model, pretrained=None), len(classes))
     except SegdistError as err:
         raise SegdistError(f"{where}: {err}") from None
     weights = state["model"]
@@ -433,8 +434,24 @@ def _png_size(path: Path) -> tuple[int, int]:
         raise SegdistError(f"{path}: cannot read PNG ({err})") from None
 
 
-def _pairs_voc(pred_dir: Path, gt_dir: Path) -> list[tuple[Path, Path]]:
-    gts = sorted(p for p in gt_dir.rglob("*.png") if p.is_file())
+def _read_ids(path: Path) -> list[str]:
+    try:
+        ids = [line.split()[0] for line in path.read_text().splitlines() if line.strip()]
+    except OSError as err:
+        raise SegdistError(f"{path}: cannot read the image list ({err.strerror or err})") from None
+    if not ids:
+        raise SegdistError(f"{path}: the image list is empty")
+    return ids
+
+
+def _pairs_voc(pred_dir: Path, gt_dir: Path, ids: list[str] | None) -> list[tuple[Path, Path]]:
+    if ids is None:
+        gts = sorted(p for p in gt_dir.rglob("*.png") if p.is_file())
+    else:
+        gts = [gt_dir / f"{i}.png" for i in ids]
+        absent = [p for p in gts if not p.is_file()]
+        if absent:
+            raise SegdistError(f"{gt_dir}: {len(absent)} listed ground-truth files missing (e.g. {absent[0].name})")
     if not gts:
         raise SegdistError(f"{gt_dir}: no ground-truth .png files")
     pairs, missing = [], []
@@ -477,12 +494,14 @@ def score_folders(
     dataset: str,
     *,
     boundary_kernels: Sequence[int] = (),
+    id_list: str | os.PathLike | None = None,
 ) -> dict[str, Any]:
     """Score a folder of predicted label PNGs against ground truth, in the dataset's
     official format:
 
     voc: GT_DIR holds <name>.png (SegmentationClass: class indices 0..20, 255 void), at
-      any depth; PRED_DIR the same relative paths with indices 0..20.
+      any depth; PRED_DIR the same relative paths with indices 0..20. With `id_list`
+      (e.g. ImageSets/Segmentation/val.txt) only the listed names are scored.
     cityscapes: GT_DIR holds gtFine/<split>/<city>/*_gtFine_labelIds.png (labelIds); PRED_DIR
       one <city>_<seq>_<frame>*.png per GT file, anywhere below it, holding labelIds (as
       the official benchmark requires). Both are mapped to the 19 train ids; a predicted
@@ -498,12 +517,15 @@ def score_folders(
             raise SegdistError(f"{folder}: {what} folder not found")
     kernels = check_kernels(boundary_kernels)
     if dataset == "voc":
-        classes, pairs = list(VOC_CLASSES), _pairs_voc(pred_dir, gt_dir)
+        ids = _read_ids(Path(id_list)) if id_list is not None else None
+        classes, pairs = list(VOC_CLASSES), _pairs_voc(pred_dir, gt_dir, ids)
     elif dataset == "cityscapes":
         classes, pairs = list(CITYSCAPES_CLASSES), _pairs_cityscapes(pred_dir, gt_dir)
         to_train = np.array(cityscapes_train_id_lut(), dtype=np.uint8)
     else:
         raise SegdistError(f"--dataset must be voc or cityscapes, got {dataset!r}")
+    if id_list is not None and dataset != "voc":
+        raise SegdistError("--list is for --dataset voc (Cityscapes scores every gtFine file below --gt-dir)")
     c = len(classes)
     zeros = lambda: torch.zeros(c, c + 1, dtype=torch.int64)  # noqa: E731
     confusion = zeros()
@@ -762,6 +784,9 @@ def build_parser() -> argparse.ArgumentParser:
     fo = parser.add_argument_group("folder scoring")
     fo.add_argument("--gt-dir", help="ground-truth folder (VOC SegmentationClass / Cityscapes gtFine/val)")
     fo.add_argument("--dataset", choices=("voc", "cityscapes"), help="format of both folders")
+    fo.add_argument("--list", dest="id_list", metavar="FILE",
+                    help="VOC: score only the names in this list (e.g. ImageSets/Segmentation/val.txt); "
+                    "default: every PNG below --gt-dir")
     common = parser.add_argument_group("output")
     common.add_argument("--boundary", type=_int_list, nargs="?", const=DEFAULT_KERNELS, default=(),
                         metavar="K,K,...", help="boundary/inner statistics for these odd kernel sizes "
@@ -872,7 +897,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.pred_dir:
         if not args.gt_dir or not args.dataset:
             raise SegdistError("--pred-dir needs --gt-dir and --dataset voc|cityscapes")
-        summary = score_folders(args.pred_dir, args.gt_dir, args.dataset, boundary_kernels=args.boundary)
+        summary = score_folders(
+            args.pred_dir, args.gt_dir, args.dataset, boundary_kernels=args.boundary, id_list=args.id_list
+        )
     else:
         summary = _run_checkpoint(args)
     if args.json:

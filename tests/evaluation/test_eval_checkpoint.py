@@ -224,3 +224,14 @@ def test_benchmark_reports_the_three_timings():
         assert out[key]["median"] > 0
     # scale 0.5 (10x13): one padded tile; scale 1 (20x26): 2 x 2 tiles; each run mirrored too
     assert out["msf"]["tile_passes_per_image"] == 2 * (1 + 4)
+
+
+def test_checkpoint_does_not_need_its_imagenet_file(eval_shards, tmp_path, capsys):
+    import dataclasses
+
+    trial = tiny_trial()
+    model = build_model(trial.model, C)
+    trial = dataclasses.replace(trial, model=dataclasses.replace(trial.model, pretrained=str(tmp_path / "gone.pth")))
+    ckpt = save_checkpoint(tmp_path / "from_imagenet.pt", trial, SYNTHETIC_CLASSES, model=model)
+    assert main(["--checkpoint", str(ckpt), "--shards", str(eval_shards), "--json", "--loader-workers", "0"]) == 0
+    assert json.loads(capsys.readouterr().out)["num_images"] == 5

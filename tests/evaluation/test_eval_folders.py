@@ -181,3 +181,18 @@ def test_cityscapes_bad_input(tmp_path, capsys):
     next(pred_root.rglob("bremen*.png")).unlink()
     err = one_error_line(capsys, ["--pred-dir", str(pred_root), "--gt-dir", str(gt_root), "--dataset", "cityscapes"])
     assert "predictions missing" in err and "bremen_000001_000007*.png" in err
+
+
+def test_voc_image_list_selects_what_is_scored(voc_folders, tmp_path, capsys):
+    pred_dir, gt_dir, gts, preds = voc_folders
+    (pred_dir / "2007_000001.png").unlink()  # not listed: not needed
+    ids = tmp_path / "val.txt"
+    ids.write_text("2007_000000\n2007_000002\n")
+    got = score_folders(pred_dir, gt_dir, "voc", id_list=ids)
+    want = scores(sum(confusion_matrix(torch.from_numpy(preds[i]).long(), torch.from_numpy(gts[i]).long(), 21)
+                      for i in (0, 2)))
+    assert got["num_images"] == 2 and got["miou"] == pytest.approx(want["miou"])
+    ids.write_text("2007_000000\n2007_000009\n")
+    err = one_error_line(capsys, ["--pred-dir", str(pred_dir), "--gt-dir", str(gt_dir), "--dataset", "voc",
+                                  "--list", str(ids)])
+    assert "listed ground-truth files missing" in err and "2007_000009.png" in err
