@@ -140,7 +140,7 @@ def summarize(result: EvalResult, classes: Sequence[str]) -> dict[str, Any]:
 
 
 def flat_metrics(summary: dict[str, Any], prefix: str = "val_") -> dict[str, float]:
-    """MLflow metric names: val_miou, val_pixel_acc, val_mean_acc, val_iou_<class>,
+    """MLflow metric names: val_miou, val_pixel_acc, val_mean_acc, val_iou_<class name>,
     val_boundary11_miou / _pixel_acc / _mean_acc, val_inner11_..., val_nocrf_miou, ...
     NaN values are left out (MLflow would store them, but they break plots)."""
     out: dict[str, float] = {}
@@ -152,7 +152,7 @@ def flat_metrics(summary: dict[str, Any], prefix: str = "val_") -> dict[str, flo
     for key in ("miou", "pixel_acc", "mean_acc"):
         add(f"{prefix}{key}", summary[key])
     for name, iou in summary["per_class_iou"].items():
-        add(f"{prefix}iou_{name.replace(' ', '_')}", iou)
+        add(f"{prefix}iou_{name}", iou)  # the names train.py logs (spaces kept: MLflow allows them)
     for k, parts in summary.get("boundary", {}).items():
         for part, s in parts.items():
             for key in ("miou", "pixel_acc", "mean_acc"):
