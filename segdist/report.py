@@ -23,7 +23,9 @@ from segdist.errors import SegdistError, exit_on_user_error
 from segdist.stats import Summary, summarize, welch_p_value
 from segdist.tracking import PARENT_TAG, ROLE_TAG, STATUS_TAG, resolve_tracking_uri
 
-BOUNDARY_METRIC = re.compile(r"^(boundary|inner)_k(\d+)_miou$")
+# The final epoch's evaluation with the study's settings (MSF, flip) is what seeds compare.
+HEADLINE_METRIC = "final_miou"
+BOUNDARY_METRIC = re.compile(r"^final_(boundary|inner)(\d+)_miou$")
 NOT_FINISHED = ("failed", "diverged", "stopped_early")
 
 
@@ -36,6 +38,7 @@ class ConfigRow:
     seeds: list[int] = field(default_factory=list)
     extra: dict[str, list[float]] = field(default_factory=dict)  # boundary/inner metrics
     not_finished: dict[str, int] = field(default_factory=dict)
+    restarts: int = 0  # worker-group restarts (lost workers or nodes, resumed studies)
     decision: str = ""
 
     @property
@@ -60,6 +63,7 @@ def collect_rows(client: MlflowClient, experiment_id: str, parent_run_id: str, m
         config_id = params.get("config_id", run.info.run_id)
         row = rows.setdefault(config_id, ConfigRow(config_id, config_label(params), params.get("model.variant", "")))
         status = run.data.tags.get(STATUS_TAG, "running" if run.info.status == "RUNNING" else "failed")
+        row.restarts += int(run.data.metrics.get("worker_restarts", 0))
         value = run.data.metrics.get(metric)
         if status == "finished" and value is not None:
             row.values.append(value)
@@ -88,7 +92,10 @@ def table_rows(rows: list[ConfigRow], metric: str, baseline: ConfigRow | None) -
     header = ["configuration", "config_id", "n", f"{metric} mean ± std (%)", "95% CI (%)", "min–max (%)"]
     if baseline is not None:
         header.append(f"Δ vs {baseline.label} (p, Welch)")
-    header += [f"{k} (%)" for k in extra_keys] + ["not finished", "seeds stopped because"]
+    show_restarts = any(r.restarts for r in rows)
+    header += [f"{k} (%)" for k in extra_keys] + ["not finished"]
+    header += ["worker restarts"] if show_restarts else []
+    header += ["seeds stopped because"]
     body = []
     for row in rows:
         s = row.summary
@@ -109,6 +116,8 @@ def table_rows(rows: list[ConfigRow], metric: str, baseline: ConfigRow | None) -
             values = row.extra.get(key, [])
             line.append(f"{100 * summarize(values).mean:.2f}" if values else "—")
         line.append(", ".join(f"{n} {status}" for status, n in sorted(row.not_finished.items())) or "0")
+        if show_restarts:
+            line.append(str(row.restarts))
         line.append(row.decision)
         body.append(line)
     return header, body
@@ -126,7 +135,7 @@ def format_table(header: list[str], body: list[list[str]], fmt: str) -> str:
     return "\n".join(lines)
 
 
-def study_table(client: MlflowClient, experiment_id: str, parent_run_id: str, metric: str = "val_miou",
+def study_table(client: MlflowClient, experiment_id: str, parent_run_id: str, metric: str = HEADLINE_METRIC,
                 baseline: str | None = None, fmt: str = "md", decisions: dict | None = None) -> str:
     rows = collect_rows(client, experiment_id, parent_run_id, metric)
     if decisions is None:
@@ -191,7 +200,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--experiment", default="quickstart", help="MLflow experiment (= study name)")
     parser.add_argument("--run", default=None, help="parent (study) run id; default: the latest study run")
     parser.add_argument("--baseline", default=None, help="variant, label or config_id to compare against")
-    parser.add_argument("--metric", default="val_miou", help="final-epoch metric to aggregate")
+    parser.add_argument("--metric", default=HEADLINE_METRIC,
+                        help="metric to aggregate (default final_miou: the final epoch evaluated with the "
+                        "study's eval settings; val_miou: the last epoch's whole-image score)")
     parser.add_argument("--format", choices=("md", "csv"), default="md")
     parser.add_argument("--tracking-uri", default=None,
                         help="MLflow tracking URI; default: MLFLOW_TRACKING_URI, else sqlite:///./mlflow.db")

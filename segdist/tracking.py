@@ -8,6 +8,7 @@ answers again; whatever is still queued at the end is saved to a file and report
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -38,6 +39,10 @@ _NOT_METRICS = {"epoch", "training_iteration", "timestamp", "time_this_iter_s", 
                 "time_since_restore", "iterations_since_restore", "worker_started_at", "done"}
 # Environment variables whose values must never reach MLflow (tokens, keys, passwords).
 _SECRET_WORDS = ("TOKEN", "SECRET", "PASSWORD", "KEY", "CREDENTIAL")
+
+
+def warn(message: str) -> None:
+    print(f"segdist: warning: {message}", file=sys.stderr)
 
 
 def resolve_tracking_uri(cli_value: str | None) -> str:
@@ -196,15 +201,32 @@ class StudyTracker:
         self._write(f"end of {run_id}", lambda: self.client.set_terminated(run_id, status=status))
 
 
-def copy_checkpoint(checkpoint_path: str, storage: str, into: Path) -> Path:
-    """A checkpoint folder from the study's storage (local, NFS or s3://) to a local dir."""
+def copy_best_checkpoint(candidates: list[tuple[float, str]], storage: str, into: Path) -> Path | None:
+    """The best-scoring checkpoint that Ray still keeps (it deletes all but the best and the
+    latest, and breaks ties its own way), copied from the storage (local, NFS or s3://)."""
     import pyarrow.fs
 
-    if Path(checkpoint_path).is_dir():
-        return Path(checkpoint_path)
     filesystem, _ = pyarrow.fs.FileSystem.from_uri(storage)
-    pyarrow.fs.copy_files(checkpoint_path, str(into), source_filesystem=filesystem)
-    return into
+    for _, path in sorted(candidates, key=lambda c: -c[0]):
+        if filesystem.get_file_info(path).type == pyarrow.fs.FileType.Directory:
+            if Path(path).is_dir():
+                return Path(path)
+            pyarrow.fs.copy_files(path, str(into), source_filesystem=filesystem)
+            return into
+    return None
+
+
+def never_raises(hook):
+    """A Tune callback that raises marks the trial as errored: tracking trouble must not."""
+
+    @functools.wraps(hook)
+    def wrapper(self, iteration, trials, trial, *args, **kwargs):
+        try:
+            return hook(self, iteration, trials, trial, *args, **kwargs)
+        except Exception as err:  # noqa: BLE001
+            warn(f"MLflow logging for trial {trial.trial_id} failed in {hook.__name__}: {err}")
+
+    return wrapper
 
 
 class MlflowTrialCallback(Callback):
@@ -218,10 +240,13 @@ class MlflowTrialCallback(Callback):
         self.runs: dict[str, str] = {}  # Tune trial id -> MLflow run id
         self.last_epoch: dict[str, int] = {}
         self.last_result: dict[str, dict] = {}
-        self.best: dict[str, tuple[float, str | None]] = {}
+        self.checkpoints: dict[str, list[tuple[float, str]]] = {}
         self.started_at: dict[str, float] = {}
         self.timings: dict[str, dict[str, float]] = {}
+        self.worker_starts: dict[str, set[float]] = {}  # a new value = the worker group restarted
+        self.reopened: set[str] = set()  # trials of a resumed study that already had a run
 
+    @never_raises
     def on_trial_start(self, iteration, trials, trial, **info):
         config = trial.config["trial"]
         key = config["trial_key"]
@@ -232,14 +257,21 @@ class MlflowTrialCallback(Callback):
         if previous is not None:
             steps = [m.step for m in self.tracker.client.get_metric_history(run_id, "val_miou")]
             self.last_epoch[trial.trial_id] = max(steps, default=-1)
+            self.reopened.add(trial.trial_id)
         self.started_at[trial.trial_id] = time.time()
 
+    @never_raises
     def on_trial_result(self, iteration, trials, trial, result, **info):
         run_id = self.runs[trial.trial_id]
         epoch = int(result["epoch"])
+        if "worker_started_at" in result:
+            self.worker_starts.setdefault(trial.trial_id, set()).add(round(result["worker_started_at"], 3))
         # A restarted worker group resumes after its last checkpoint: never log an epoch twice.
         if epoch <= self.last_epoch.get(trial.trial_id, -1):
             return
+        if trial.trial_id in self.reopened and trial.trial_id not in self.last_result:
+            # Ray Train continued the trial from its checkpoint: record where.
+            self.tracker.set_tags(run_id, {"segdist.resumed_at_epoch": str(epoch)})
         self.last_epoch[trial.trial_id] = epoch
         self.last_result[trial.trial_id] = result
         self.tracker.log_metrics(run_id, numeric_metrics(result), step=epoch)
@@ -251,28 +283,52 @@ class MlflowTrialCallback(Callback):
             startup = result["worker_started_at"] - self.started_at[trial.trial_id]
             self.timings[trial.trial_id] = {"startup_s": startup}
             self.tracker.log_metrics(run_id, {"trial_startup_s": startup}, step=0)
-        score = result.get("val_miou", float("nan"))
-        best_score, _ = self.best.get(trial.trial_id, (-math.inf, None))
-        if "checkpoint_path" in result and score > best_score:
-            self.best[trial.trial_id] = (score, result["checkpoint_path"])
+        if "checkpoint_path" in result and "final_miou" in result:
+            self._log_pictures(run_id, result["checkpoint_path"])
+        if "checkpoint_path" in result:
+            score = result.get("val_miou", float("nan"))
+            self.checkpoints.setdefault(trial.trial_id, []).append(
+                (score if math.isfinite(score) else -math.inf, result["checkpoint_path"]))
 
+    def _log_pictures(self, run_id: str, checkpoint_path: str) -> None:
+        """The final evaluation's confusion matrix and overlays, saved beside the checkpoint."""
+        import pyarrow.fs
+
+        from segdist.train import PICTURES_DIR
+
+        filesystem, _ = pyarrow.fs.FileSystem.from_uri(self.storage)
+        source = f"{checkpoint_path}/{PICTURES_DIR}"
+        if filesystem.get_file_info(source).type != pyarrow.fs.FileType.Directory:
+            return
+        with tempfile.TemporaryDirectory() as scratch:
+            pyarrow.fs.copy_files(source, scratch, source_filesystem=filesystem)
+            self.tracker.log_artifacts(run_id, scratch, artifact_path=PICTURES_DIR)
+            self.tracker.flush()  # while the scratch copy exists
+
+    @never_raises
     def on_trial_complete(self, iteration, trials, trial, **info):
         run_id = self.runs[trial.trial_id]
         config = trial.config["trial"]
         last = self.last_result.get(trial.trial_id, {})
         completed = last.get("epoch", -1) >= config["train"]["epochs"] - 1
-        _, checkpoint = self.best.get(trial.trial_id, (None, None))
-        if checkpoint:
+        try:
             with tempfile.TemporaryDirectory() as scratch:
-                local = copy_checkpoint(checkpoint, self.storage, Path(scratch))
-                self.tracker.log_artifacts(run_id, str(local), artifact_path="best_checkpoint")
+                local = copy_best_checkpoint(self.checkpoints.get(trial.trial_id, []), self.storage, Path(scratch))
+                if local is not None:
+                    self.tracker.log_artifacts(run_id, str(local), artifact_path="best_checkpoint")
+                    self.tracker.flush()  # while the scratch copy still exists
+        except Exception as err:  # noqa: BLE001 - a lost artifact must not fail a finished trial
+            warn(f"best checkpoint of {run_id} not logged: {err}")
         elapsed = time.time() - self.started_at[trial.trial_id]
         startup = self.timings.get(trial.trial_id, {}).get("startup_s", float("nan"))
-        self.tracker.log_metrics(run_id, {"trial_wall_s": elapsed, "trial_train_s": elapsed - startup}, step=0)
+        restarts = max(len(self.worker_starts.get(trial.trial_id, ())) - 1, 0)
+        self.tracker.log_metrics(run_id, {"trial_wall_s": elapsed, "trial_train_s": elapsed - startup,
+                                          "worker_restarts": restarts}, step=0)
         status = "finished" if completed else "stopped_early"
         self.tracker.set_tags(run_id, {STATUS_TAG: status})
         self.tracker.finish(run_id, "FINISHED")
 
+    @never_raises
     def on_trial_error(self, iteration, trials, trial, **info):
         error = str(getattr(trial, "error_msg", "") or "")
         if not error and getattr(trial, "error_file", None) and Path(trial.error_file).exists():

@@ -21,13 +21,15 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
-from segdist.config import TrialConfig, trial_from_dict
+from segdist.config import EvalConfig, TrialConfig, trial_from_dict
 from segdist.data.classes import IGNORE_INDEX
 from segdist.data.stream import read_dataset_info, train_loader, val_loader
-from segdist.metrics import confusion_matrix, scores
+from segdist.evaluate import all_reduce_result, evaluate_distributed, flat_metrics, summarize
 from segdist.models import build_model, describe_model, param_groups
+from segdist.visualize import confusion_matrix_png, overlays_png
 
 CHECKPOINT_FILE = "checkpoint.pt"
+PICTURES_DIR = "evaluation"  # beside the checkpoint: the driver logs them to MLflow
 # Read the running loss (a host sync) only this often, to keep the step asynchronous.
 LOSS_CHECK_EVERY = 10
 
@@ -130,18 +132,28 @@ def train_one_epoch(model, loader, optimizer, scheduler, options: StepOptions, e
     return EpochStats(mean_loss, steps, skipped)
 
 
-@torch.inference_mode()
-def evaluate(model: torch.nn.Module, loader, num_classes: int, options: StepOptions) -> torch.Tensor:
-    """This rank's confusion matrix over its share of the validation set (no collectives)."""
-    model.eval()
-    device = options.device
-    confusion = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=device)
-    for images, labels in loader:
-        images, edges = split_batch(images.to(device, non_blocking=True), options.needs_edges)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=options.bf16):
-            logits = model(images, edges) if edges is not None else model(images)
-        confusion += confusion_matrix(logits.argmax(1), labels.to(device), num_classes)
-    return confusion
+def run_evaluation(model, loader, classes, options: StepOptions, eval_config=None, crop_size=None,
+                   examples: int = 0):
+    """Evaluate on every rank's share and all-reduce: whole-image by default, or with the
+    study's multi-scale / flip / boundary settings (tiles of the training crop size)."""
+    kwargs = {}
+    if eval_config is not None:
+        kwargs = dict(scales=eval_config.scales, flip=eval_config.flip,
+                      boundary_kernels=eval_config.boundary_kernels, tile_size=crop_size)
+    result = evaluate_distributed(
+        model, loader, len(classes), options.device, examples=examples,
+        amp_dtype=torch.bfloat16 if options.bf16 else None, channels_last=options.channels_last, **kwargs,
+    )
+    examples_of_this_rank = result.examples
+    result = all_reduce_result(result)
+    return summarize(result, classes), result.confusion.cpu(), examples_of_this_rank
+
+
+def evaluation_pictures(confusion, examples, classes) -> dict[str, bytes]:
+    pictures = {"confusion.png": confusion_matrix_png(confusion, classes)}
+    if examples:
+        pictures["overlays.png"] = overlays_png(examples, classes)
+    return pictures
 
 
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
@@ -224,18 +236,25 @@ def fit(
         )
         stats = train_one_epoch(ddp_model, loader, optimizer, scheduler, options, epoch)
         train_time = time.time() - epoch_start
-        confusion = all_reduce_sum(evaluate(model, validation, num_classes, options))
-        result = scores(confusion.cpu())
+        last_epoch = epoch == trial.train.epochs - 1
+        summary, confusion, examples = run_evaluation(model, validation, classes, options,
+                                                      examples=4 if last_epoch and rank == 0 else 0)
+        metrics = {"epoch": epoch, **flat_metrics(summary, prefix="val_")}
+        pictures = None
+        if last_epoch:
+            # The study's evaluation (MSF, flip, boundary statistics) once, at the end; a
+            # whole-image study reuses the pass above. Reports aggregate these final_* values.
+            if trial.eval != EvalConfig():
+                summary, confusion, examples = run_evaluation(
+                    model, validation, classes, options, trial.eval, trial.train.crop_size,
+                    examples=4 if rank == 0 else 0)
+            metrics.update(flat_metrics(summary, prefix="final_"))
+            pictures = evaluation_pictures(confusion, examples, classes) if rank == 0 else None
         counts = all_reduce_sum(torch.tensor(
             [loader.num_skipped, validation.num_skipped, stats.skipped_steps], dtype=torch.int64, device=device
         ))
-        metrics = {
-            "epoch": epoch,
+        metrics.update({
             "train_loss": all_reduce_mean(stats.mean_loss, device),
-            "val_miou": result["miou"],
-            "val_pixel_acc": result["pixel_acc"],
-            "val_mean_acc": result["mean_acc"],
-            **{f"val_iou_{name}": iou for name, iou in zip(classes, result["per_class_iou"], strict=True)},
             "lr": optimizer.param_groups[0]["lr"],
             "skipped_train_samples": int(counts[0]),
             "skipped_val_samples": int(counts[1]),
@@ -243,7 +262,7 @@ def fit(
             "train_images_per_s": steps_per_epoch * trial.train.batch_size * world_size / train_time,
             "epoch_time_s": time.time() - epoch_start,
             "worker_started_at": started,
-        }
+        })
         if rank == 0 and epoch == start_epoch:
             metrics.update({f"model_{key}": value for key, value in model_info.items()})
         state = None
@@ -256,6 +275,7 @@ def fit(
                 "classes": list(classes),
                 "trial": dataclasses.asdict(trial),
                 "metrics": metrics,
+                "pictures": pictures,
             }
         report(metrics, state)
 
@@ -285,6 +305,9 @@ def ray_train_loop(config: dict[str, Any]) -> None:
             ray.train.report(metrics)
             return
         with tempfile.TemporaryDirectory() as directory:
+            for name, png in (state.pop("pictures", None) or {}).items():
+                (Path(directory) / PICTURES_DIR).mkdir(exist_ok=True)
+                (Path(directory) / PICTURES_DIR / name).write_bytes(png)
             torch.save(state, Path(directory) / CHECKPOINT_FILE)
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
 

@@ -221,6 +221,8 @@ def run_trial(params: dict[str, Any]) -> None:
 
 
 def make_searcher(scheduler, storage: str):
+    from segdist.report import HEADLINE_METRIC
+
     """Tune asks this for the next trial; it hands out the seed scheduler's trials."""
     from ray.tune.search import Searcher
 
@@ -241,7 +243,7 @@ def make_searcher(scheduler, storage: str):
             if trial is None:
                 return
             complete = bool(result) and not error and result.get("epoch", -1) >= trial.train.epochs - 1
-            scheduler.record(trial, result.get("val_miou") if complete else None)
+            scheduler.record(trial, result.get(HEADLINE_METRIC) if complete else None)
 
     return SeedSearcher()
 
@@ -269,7 +271,7 @@ def run_study(study: StudyConfig, args: argparse.Namespace, tracking_uri: str, s
     import ray.tune
     from ray.tune.schedulers import ASHAScheduler
 
-    from segdist.report import collect_rows, png_image, seeds_figure, study_table
+    from segdist.report import HEADLINE_METRIC, collect_rows, png_image, seeds_figure, study_table
     from segdist.seeds import SeedScheduler
     from segdist.tracking import STATUS_TAG, MlflowTrialCallback, StudyTracker
 
@@ -277,9 +279,9 @@ def run_study(study: StudyConfig, args: argparse.Namespace, tracking_uri: str, s
     tracker = StudyTracker(tracking_uri, study.name, study.name, parent_run_id=parent)
     existing = tracker.existing_trials() if parent else {}
     finished = {
-        key: run.data.metrics["val_miou"]
+        key: run.data.metrics[HEADLINE_METRIC]
         for key, run in existing.items()
-        if run.data.tags.get(STATUS_TAG) == "finished" and "val_miou" in run.data.metrics
+        if run.data.tags.get(STATUS_TAG) == "finished" and HEADLINE_METRIC in run.data.metrics
     }
     if parent is None:
         tracker.log_params(tracker.parent_run_id, {
@@ -315,13 +317,14 @@ def run_study(study: StudyConfig, args: argparse.Namespace, tracking_uri: str, s
     decisions = scheduler.decisions()
     tracker.log_text(tracker.parent_run_id, json.dumps(decisions, indent=2), "seed_decisions.json")
     tracker.flush()
-    table = study_table(tracker.client, tracker.experiment_id, tracker.parent_run_id,
+    table = study_table(tracker.client, tracker.experiment_id, tracker.parent_run_id, HEADLINE_METRIC,
                         baseline=study.baseline, decisions=decisions)
     tracker.log_text(tracker.parent_run_id, table, "report.md")
-    rows = collect_rows(tracker.client, tracker.experiment_id, tracker.parent_run_id, "val_miou")
-    figure = seeds_figure(rows, "val_miou")
+    rows = collect_rows(tracker.client, tracker.experiment_id, tracker.parent_run_id, HEADLINE_METRIC)
+    figure = seeds_figure(rows, HEADLINE_METRIC)
     tracker._write("seeds.png", lambda: tracker.client.log_image(tracker.parent_run_id, png_image(figure), "seeds.png"))
-    errors = sum(1 for result in results if result.error is not None)
+    # A diverged trial is a result (the table says so), not a failure of the study.
+    errors = sum(1 for result in results if result.error is not None and "TrainingDiverged" not in str(result.error))
     tracker.finish(tracker.parent_run_id, "FINISHED")
     unsent = tracker.save_pending(Path(storage_root) if "://" not in storage_root else Path("."))
     return table, errors, callback, unsent
@@ -331,9 +334,7 @@ def run_study(study: StudyConfig, args: argparse.Namespace, tracking_uri: str, s
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if _study_kind(args.space) == "crf_grid":
-        from segdist.crf import run_crf_grid
-
-        return run_crf_grid(args)
+        return run_crf_study(args)
     study = absolute_paths(load_study(args.space))
     if args.dry_run:
         print(describe_trials(smoke_study(study, *SMOKE_SHARDS) if args.smoke else study))
@@ -364,10 +365,55 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 1
     if errors:
-        print(f"segdist: {errors} trial(s) failed or diverged; see the table and the MLflow runs",
+        print(f"segdist: {errors} trial(s) failed; see the table and the MLflow runs",
               file=sys.stderr)
         return 1
     return 0
+
+
+def run_crf_study(args: argparse.Namespace) -> int:
+    """A DenseCRF grid over saved probabilities (no training): one Tune trial per
+    parameter set, each an MLflow child run of the study's parent run."""
+    from segdist.crf import load_crf_grid, run_crf_grid
+    from segdist.tracking import (
+        STATUS_TAG,
+        StudyTracker,
+        check_reachable,
+        numeric_metrics,
+        resolve_tracking_uri,
+    )
+
+    grid = load_crf_grid(args.space)
+    if args.dry_run:
+        combos = grid.combinations()
+        print(f"{len(combos)} CRF trials over {grid.probabilities}:")
+        for params in combos:
+            print("  " + " ".join(f"{k}={v:g}" for k, v in dataclasses.asdict(params).items()))
+        return 0
+    tracking_uri = resolve_tracking_uri(args.tracking_uri)
+    check_reachable(tracking_uri)
+    storage = resolve_storage(args.storage)
+    connect_ray(args.address)
+    tracker = StudyTracker(tracking_uri, grid.name, grid.name)
+    tracker.log_text(tracker.parent_run_id, Path(grid.path).read_text(), "study.yaml")
+    results = run_crf_grid(grid, storage_path=storage)
+    rows = []
+    for index, result in enumerate(results):
+        params = {k: v for k, v in result.config.items() if k not in ("probabilities", "limit", "workers")}
+        run_id = tracker.start_trial(f"crf-{index}", f"crf-{index}", params)
+        failed = result.error is not None or not result.metrics
+        if not failed:
+            tracker.log_metrics(run_id, numeric_metrics(result.metrics), step=0)
+            rows.append((result.metrics["val_miou"], params))
+        tracker.set_tags(run_id, {STATUS_TAG: "failed" if failed else "finished"})
+        tracker.finish(run_id, "FAILED" if failed else "FINISHED")
+    table = "\n".join(["| CRF parameters | val_miou (%) |", "|---|---|"] + [
+        f"| {' '.join(f'{k}={v:g}' for k, v in p.items())} | {100 * miou:.2f} |"
+        for miou, p in sorted(rows, key=lambda r: -r[0])])
+    tracker.log_text(tracker.parent_run_id, table, "report.md")
+    tracker.finish(tracker.parent_run_id, "FINISHED")
+    print(table)
+    return 0 if len(rows) == len(results) else 1
 
 
 def _study_kind(path: str) -> str:

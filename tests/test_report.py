@@ -20,10 +20,10 @@ def test_single_seed_and_unfinished_trials():
 
 
 def test_boundary_columns_appear_when_measured_and_csv_works():
-    row = ConfigRow("a", "spk", values=[0.6, 0.62], extra={"boundary_k11_miou": [0.58, 0.59],
-                                                           "inner_k11_miou": [0.68, 0.69]})
+    row = ConfigRow("a", "spk", values=[0.6, 0.62], extra={"final_boundary11_miou": [0.58, 0.59],
+                                                           "final_inner11_miou": [0.68, 0.69]})
     header, body = table_rows([row], "val_miou", None)
-    assert "boundary_k11_miou (%)" in header and "inner_k11_miou (%)" in header
+    assert "final_boundary11_miou (%)" in header and "final_inner11_miou (%)" in header
     csv_text = format_table(header, body, "csv")
     assert csv_text.splitlines()[1].startswith("spk,a,2,61.00 ± 1.41")
 

@@ -47,6 +47,21 @@ def test_fit_reports_every_epoch_with_metrics_and_a_checkpoint(tiny_shards):
     assert 0.0 <= first["val_miou"] <= 1.0
     assert state["epoch"] == 0 and set(state) >= {"model", "optimizer", "scheduler", "classes", "trial"}
     assert "model_params" not in reports[1][0]  # model facts once per run
+    last, last_state = reports[-1]
+    assert last["final_miou"] == last["val_miou"]  # a whole-image study reuses the epoch's pass
+    assert "final_miou" not in first
+    assert last_state["pictures"]["confusion.png"][:4] == b"\x89PNG"
+    assert last_state["pictures"]["overlays.png"][:4] == b"\x89PNG"
+
+
+def test_the_studys_evaluation_runs_once_at_the_end(tiny_shards):
+    trial = tiny_trial(*tiny_shards, epochs=1)
+    trial = dataclasses.replace(trial, eval=dataclasses.replace(
+        trial.eval, scales=(0.75, 1.0), flip=True, boundary_kernels=(5,)))
+    (metrics, _), = run(trial)
+    for key in ("final_miou", "final_boundary5_miou", "final_inner5_miou", "final_boundary5_pixel_acc"):
+        assert key in metrics, key
+    assert "val_boundary5_miou" not in metrics  # per-epoch evaluation stays whole-image
 
 
 def test_same_seed_gives_identical_metrics_on_cpu(tiny_shards):

@@ -47,7 +47,10 @@ def assert_study_recorded(client: MlflowClient):
         for key in ("train_loss", "val_pixel_acc", "val_mean_acc", "val_iou_background", "trial_startup_s"):
             assert key in metrics, key
         artifacts = [a.path for a in client.list_artifacts(run.info.run_id, "best_checkpoint")]
-        assert artifacts == ["best_checkpoint/checkpoint.pt"]
+        assert "best_checkpoint/checkpoint.pt" in artifacts
+        pictures = [a.path for a in client.list_artifacts(run.info.run_id, "evaluation")]
+        assert pictures == ["evaluation/confusion.png", "evaluation/overlays.png"]
+        assert "final_miou" in run.data.metrics
     report = client.download_artifacts(parent.info.run_id, "report.md")
     table = open(report).read()
     assert "| naked |" in table and "| 2 |" in table
