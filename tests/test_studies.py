@@ -235,6 +235,10 @@ def test_every_configuration_trains_one_smoke_epoch(study_name, variant, tiny_sh
     assert [m["epoch"] for m in reports] == [0]
     assert math.isfinite(reports[0]["val_miou"]) and 0.0 <= reports[0]["val_miou"] <= 1.0
     assert math.isfinite(reports[0]["train_loss"])
+    # the study's own evaluation (MSF + flip, boundary statistics) ran at the last epoch
+    assert math.isfinite(reports[0]["final_miou"])
+    for k in config.eval.boundary_kernels:
+        assert {f"final_boundary{k}_miou", f"final_inner{k}_miou"} <= set(reports[0]), k
 
 
 @pytest.mark.parametrize("study_name", sorted(ROWS))
@@ -276,5 +280,6 @@ def test_gcn_study_smoke_runs_on_ray_and_records_one_child_run_per_configuration
         assert run.data.params["train.seed"] == "0"
         history = client.get_metric_history(run.info.run_id, "val_miou")
         assert [m.step for m in history] == [0] and math.isfinite(history[0].value)
+        assert math.isfinite(run.data.metrics["final_miou"])  # the study's MSF evaluation
     report = open(client.download_artifacts(parents[0].info.run_id, "report.md")).read()
     assert "naked.gcn.lr10" in report and "naked.fpn.lr10.scale8" in report
