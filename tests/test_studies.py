@@ -17,7 +17,6 @@ import torch
 from segdist.config import apply_variant_tokens, expand_configs, load_study, smoke_study
 from segdist.models.variant import parse_variant
 from segdist.train import fit
-
 from tests.conftest import ROOT, run_cli
 
 SPACES = ROOT / "tune_spaces"
@@ -139,7 +138,7 @@ def study_path(study_name: str) -> Path:
 def test_every_table_of_the_log_has_a_study():
     assert sorted(ROWS) == sorted(BASELINES)
     shipped = {p.stem for p in SPACES.glob("*.yaml")} - {"quickstart", "crf_grid"}
-    assert shipped == set(ROWS)
+    assert set(ROWS) <= shipped
 
 
 @pytest.mark.parametrize("study_name", sorted(ROWS))
