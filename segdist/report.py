@@ -49,8 +49,8 @@ class ConfigRow:
 def config_label(params: dict[str, str]) -> str:
     """What distinguishes a configuration: its variant plus the values the search chose."""
     label = params.get("model.variant", "?")
-    chosen = params.get("overrides", "")
-    return f"{label} {chosen}".strip() if chosen else label
+    chosen = " ".join(part for part in params.get("overrides", "").split() if not part.startswith("model.variant="))
+    return f"{label} {chosen}".strip()
 
 
 def collect_rows(client: MlflowClient, experiment_id: str, parent_run_id: str, metric: str) -> list[ConfigRow]:

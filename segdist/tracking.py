@@ -105,13 +105,27 @@ def numeric_metrics(result: dict[str, Any]) -> dict[str, float]:
 
 
 class StudyTracker:
-    """The study's parent run and its trials' child runs, addressed by run id."""
+    """The study's parent run and its trials' child runs.
+
+    Trials are addressed by a handle (their trial key); every write, the creation of a
+    trial's run included, goes through one ordered queue, so while the store is away a
+    trial can start, train and finish, and its run appears complete when it is back."""
+
+    RETRY_EVERY_S = 10.0
 
     def __init__(self, uri: str, experiment: str, study_name: str, parent_run_id: str | None = None):
+        # MLflow's own HTTP retries would block the Tune loop for minutes per write while a
+        # server is away; the queue below does the waiting instead.
+        for name, value in (("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1"),
+                            ("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1"),
+                            ("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")):
+            os.environ.setdefault(name, value)
         self.uri = uri
         self.client = MlflowClient(tracking_uri=uri)
         self.experiment_id = get_or_create_experiment(self.client, experiment, uri)
         self.pending: deque[tuple[str, Callable[[], Any]]] = deque()
+        self.run_ids: dict[str, str] = {}  # handle -> MLflow run id, once created
+        self._retry_at = 0.0
         if parent_run_id is None:
             run = self.client.create_run(
                 self.experiment_id, run_name=f"{study_name}-{time.strftime('%Y%m%d-%H%M%S')}",
@@ -121,29 +135,43 @@ class StudyTracker:
         else:
             self.client.update_run(parent_run_id, status="RUNNING")
         self.parent_run_id = parent_run_id
+        self.run_ids["study"] = parent_run_id
 
-    # Writes go through _write: in order, and queued while the store does not answer.
+    # ------------------------------------------------------------------ the queue
+
     def _write(self, what: str, operation: Callable[[], Any]) -> None:
         self.pending.append((what, operation))
         self.flush()
 
-    def flush(self) -> bool:
+    def flush(self, force: bool = False) -> bool:
+        """Send queued writes in order; after a failure, try again only every few seconds."""
+        if not force and time.time() < self._retry_at:
+            return False
         while self.pending:
             what, operation = self.pending[0]
             try:
                 operation()
             except Exception as err:  # noqa: BLE001 - any store failure: keep it for later
-                if len(self.pending) == 1 or not getattr(self, "_warned", False):
-                    print(f"segdist: warning: MLflow write failed ({what}): {err}; "
-                          f"{len(self.pending)} write(s) queued, training goes on", file=sys.stderr)
-                    self._warned = True
+                if not self._retry_at:
+                    warn(f"MLflow write failed ({what}): {str(err).splitlines()[0][:200]}; writes are "
+                         f"queued ({len(self.pending)} now) and retried, training goes on")
+                self._retry_at = time.time() + self.RETRY_EVERY_S
                 return False
             self.pending.popleft()
-        self._warned = False
+        if self._retry_at:
+            print("segdist: MLflow is reachable again; queued writes sent", file=sys.stderr)
+        self._retry_at = 0.0
         return True
 
+    def drain(self, timeout_s: float = 120.0) -> bool:
+        """At the end: keep trying for a while before giving up on the store."""
+        deadline = time.time() + timeout_s
+        while not self.flush(force=True) and time.time() < deadline:
+            time.sleep(self.RETRY_EVERY_S / 2)
+        return not self.pending
+
     def save_pending(self, folder: Path) -> Path | None:
-        """What could not be written at the end, as JSON lines, so nothing is silently lost."""
+        """What could not be written at the end, listed, so nothing is silently lost."""
         if not self.pending:
             return None
         folder.mkdir(parents=True, exist_ok=True)
@@ -153,6 +181,8 @@ class StudyTracker:
                 out.write(json.dumps({"write": what}) + "\n")
         return path
 
+    # ------------------------------------------------------------------ runs
+
     def existing_trials(self) -> dict[str, Any]:
         """trial_key -> the run of this study that already holds it (for --resume)."""
         runs = self.client.search_runs(
@@ -161,44 +191,61 @@ class StudyTracker:
         )
         return {run.data.tags[TRIAL_KEY_TAG]: run for run in runs if TRIAL_KEY_TAG in run.data.tags}
 
-    def log_params(self, run_id: str, params: dict[str, Any]) -> None:
+    def start_trial(self, name: str, handle: str, params: dict[str, Any], run_id: str | None = None) -> str:
+        """Queue the trial's run (or reopen `run_id`, a resumed trial's); returns the handle."""
+        if run_id is not None:
+            self.run_ids[handle] = run_id
+            self._write(f"reopen {handle}", lambda: self.client.update_run(run_id, status="RUNNING"))
+            return handle
+
+        def create() -> None:
+            if handle not in self.run_ids:  # a retried creation must not make a second run
+                run = self.client.create_run(
+                    self.experiment_id, run_name=name,
+                    tags={PARENT_TAG: self.parent_run_id, TRIAL_KEY_TAG: handle, ROLE_TAG: "trial"},
+                )
+                self.run_ids[handle] = run.info.run_id
+
+        self._write(f"create run of {handle}", create)
+        self.log_params(handle, params)
+        return handle
+
+    def log_params(self, handle: str, params: dict[str, Any]) -> None:
         items = [Param(key, redact(value)[:6000]) for key, value in params.items()]
         for start in range(0, len(items), 100):
             chunk = items[start:start + 100]
-            self._write(f"params of {run_id}", lambda chunk=chunk: self.client.log_batch(run_id, params=chunk))
+            self._write(f"params of {handle}",
+                        lambda chunk=chunk: self.client.log_batch(self.run_ids[handle], params=chunk))
 
-    def start_trial(self, name: str, trial_key: str, params: dict[str, Any], run_id: str | None = None) -> str:
-        if run_id is not None:  # a resumed trial continues its own run
-            self._write(f"reopen {run_id}", lambda: self.client.update_run(run_id, status="RUNNING"))
-            return run_id
-        run = self.client.create_run(
-            self.experiment_id, run_name=name,
-            tags={PARENT_TAG: self.parent_run_id, TRIAL_KEY_TAG: trial_key, ROLE_TAG: "trial"},
-        )
-        self.log_params(run.info.run_id, params)
-        return run.info.run_id
-
-    def log_metrics(self, run_id: str, metrics: dict[str, float], step: int) -> None:
+    def log_metrics(self, handle: str, metrics: dict[str, float], step: int) -> None:
         now = int(time.time() * 1000)
         items = [Metric(key, value, now, step) for key, value in metrics.items() if not math.isnan(value)]
         for start in range(0, len(items), 500):
             chunk = items[start:start + 500]
-            self._write(f"metrics step {step} of {run_id}",
-                        lambda chunk=chunk: self.client.log_batch(run_id, metrics=chunk))
+            self._write(f"metrics step {step} of {handle}",
+                        lambda chunk=chunk: self.client.log_batch(self.run_ids[handle], metrics=chunk))
 
-    def set_tags(self, run_id: str, tags: dict[str, str]) -> None:
+    def set_tags(self, handle: str, tags: dict[str, str]) -> None:
         items = [RunTag(key, str(value)) for key, value in tags.items()]
-        self._write(f"tags of {run_id}", lambda: self.client.log_batch(run_id, tags=items))
+        self._write(f"tags of {handle}", lambda: self.client.log_batch(self.run_ids[handle], tags=items))
 
-    def log_artifacts(self, run_id: str, directory: str, artifact_path: str) -> None:
-        self._write(f"artifacts of {run_id}",
-                    lambda: self.client.log_artifacts(run_id, directory, artifact_path=artifact_path))
+    def log_artifacts(self, handle: str, directory: str, artifact_path: str) -> None:
+        self._write(f"{artifact_path} of {handle}",
+                    lambda: self.client.log_artifacts(self.run_ids[handle], directory, artifact_path=artifact_path))
 
-    def log_text(self, run_id: str, text: str, name: str) -> None:
-        self._write(f"{name} of {run_id}", lambda: self.client.log_text(run_id, text, name))
+    def log_text(self, handle: str, text: str, name: str) -> None:
+        self._write(f"{name} of {handle}", lambda: self.client.log_text(self.run_ids[handle], text, name))
 
-    def finish(self, run_id: str, status: str = "FINISHED") -> None:
-        self._write(f"end of {run_id}", lambda: self.client.set_terminated(run_id, status=status))
+    def log_image(self, handle: str, png: bytes, name: str) -> None:
+        import io
+
+        from PIL import Image
+
+        self._write(f"{name} of {handle}",
+                    lambda: self.client.log_image(self.run_ids[handle], Image.open(io.BytesIO(png)), name))
+
+    def finish(self, handle: str, status: str = "FINISHED") -> None:
+        self._write(f"end of {handle}", lambda: self.client.set_terminated(self.run_ids[handle], status=status))
 
 
 def copy_best_checkpoint(candidates: list[tuple[float, str]], storage: str, into: Path) -> Path | None:
@@ -237,7 +284,7 @@ class MlflowTrialCallback(Callback):
         self.tracker = tracker
         self.storage = storage
         self.existing = existing or {}
-        self.runs: dict[str, str] = {}  # Tune trial id -> MLflow run id
+        self.runs: dict[str, str] = {}  # Tune trial id -> tracker handle (the trial key)
         self.last_epoch: dict[str, int] = {}
         self.last_result: dict[str, dict] = {}
         self.checkpoints: dict[str, list[tuple[float, str]]] = {}
@@ -262,7 +309,7 @@ class MlflowTrialCallback(Callback):
 
     @never_raises
     def on_trial_result(self, iteration, trials, trial, result, **info):
-        run_id = self.runs[trial.trial_id]
+        handle = self.runs[trial.trial_id]
         epoch = int(result["epoch"])
         if "worker_started_at" in result:
             self.worker_starts.setdefault(trial.trial_id, set()).add(round(result["worker_started_at"], 3))
@@ -271,43 +318,46 @@ class MlflowTrialCallback(Callback):
             return
         if trial.trial_id in self.reopened and trial.trial_id not in self.last_result:
             # Ray Train continued the trial from its checkpoint: record where.
-            self.tracker.set_tags(run_id, {"segdist.resumed_at_epoch": str(epoch)})
+            self.tracker.set_tags(handle, {"segdist.resumed_at_epoch": str(epoch)})
         self.last_epoch[trial.trial_id] = epoch
         self.last_result[trial.trial_id] = result
-        self.tracker.log_metrics(run_id, numeric_metrics(result), step=epoch)
+        self.tracker.log_metrics(handle, numeric_metrics(result), step=epoch)
         model_info = {key: value for key, value in result.items() if key.startswith("model_")}
         if model_info:
-            self.tracker.log_params(run_id, model_info)
+            self.tracker.log_params(handle, model_info)
         if trial.trial_id not in self.timings and "worker_started_at" in result:
             # Seconds from trial start to the training function running on the workers.
             startup = result["worker_started_at"] - self.started_at[trial.trial_id]
             self.timings[trial.trial_id] = {"startup_s": startup}
-            self.tracker.log_metrics(run_id, {"trial_startup_s": startup}, step=0)
+            self.tracker.log_metrics(handle, {"trial_startup_s": startup}, step=0)
         if "checkpoint_path" in result and "final_miou" in result:
-            self._log_pictures(run_id, result["checkpoint_path"])
+            self._log_pictures(handle, result["checkpoint_path"])
         if "checkpoint_path" in result:
             score = result.get("val_miou", float("nan"))
             self.checkpoints.setdefault(trial.trial_id, []).append(
                 (score if math.isfinite(score) else -math.inf, result["checkpoint_path"]))
 
-    def _log_pictures(self, run_id: str, checkpoint_path: str) -> None:
+    def _log_pictures(self, handle: str, checkpoint_path: str) -> None:
         """The final evaluation's confusion matrix and overlays, saved beside the checkpoint."""
         import pyarrow.fs
 
         from segdist.train import PICTURES_DIR
 
-        filesystem, _ = pyarrow.fs.FileSystem.from_uri(self.storage)
         source = f"{checkpoint_path}/{PICTURES_DIR}"
+        if Path(source).is_dir():  # local or NFS storage: log from where it is
+            self.tracker.log_artifacts(handle, source, artifact_path=PICTURES_DIR)
+            return
+        filesystem, _ = pyarrow.fs.FileSystem.from_uri(self.storage)
         if filesystem.get_file_info(source).type != pyarrow.fs.FileType.Directory:
             return
         with tempfile.TemporaryDirectory() as scratch:
             pyarrow.fs.copy_files(source, scratch, source_filesystem=filesystem)
-            self.tracker.log_artifacts(run_id, scratch, artifact_path=PICTURES_DIR)
-            self.tracker.flush()  # while the scratch copy exists
+            self.tracker.log_artifacts(handle, scratch, artifact_path=PICTURES_DIR)
+            self.tracker.flush(force=True)  # while the scratch copy exists
 
     @never_raises
     def on_trial_complete(self, iteration, trials, trial, **info):
-        run_id = self.runs[trial.trial_id]
+        handle = self.runs[trial.trial_id]
         config = trial.config["trial"]
         last = self.last_result.get(trial.trial_id, {})
         completed = last.get("epoch", -1) >= config["train"]["epochs"] - 1
@@ -315,18 +365,19 @@ class MlflowTrialCallback(Callback):
             with tempfile.TemporaryDirectory() as scratch:
                 local = copy_best_checkpoint(self.checkpoints.get(trial.trial_id, []), self.storage, Path(scratch))
                 if local is not None:
-                    self.tracker.log_artifacts(run_id, str(local), artifact_path="best_checkpoint")
-                    self.tracker.flush()  # while the scratch copy still exists
+                    self.tracker.log_artifacts(handle, str(local), artifact_path="best_checkpoint")
+                    if local == Path(scratch):
+                        self.tracker.flush(force=True)  # while the scratch copy still exists
         except Exception as err:  # noqa: BLE001 - a lost artifact must not fail a finished trial
-            warn(f"best checkpoint of {run_id} not logged: {err}")
+            warn(f"best checkpoint of {handle} not logged: {err}")
         elapsed = time.time() - self.started_at[trial.trial_id]
         startup = self.timings.get(trial.trial_id, {}).get("startup_s", float("nan"))
         restarts = max(len(self.worker_starts.get(trial.trial_id, ())) - 1, 0)
-        self.tracker.log_metrics(run_id, {"trial_wall_s": elapsed, "trial_train_s": elapsed - startup,
+        self.tracker.log_metrics(handle, {"trial_wall_s": elapsed, "trial_train_s": elapsed - startup,
                                           "worker_restarts": restarts}, step=0)
         status = "finished" if completed else "stopped_early"
-        self.tracker.set_tags(run_id, {STATUS_TAG: status})
-        self.tracker.finish(run_id, "FINISHED")
+        self.tracker.set_tags(handle, {STATUS_TAG: status})
+        self.tracker.finish(handle, "FINISHED")
 
     @never_raises
     def on_trial_error(self, iteration, trials, trial, **info):
@@ -334,7 +385,7 @@ class MlflowTrialCallback(Callback):
         if not error and getattr(trial, "error_file", None) and Path(trial.error_file).exists():
             error = Path(trial.error_file).read_text()
         status = "diverged" if "TrainingDiverged" in error else "failed"
-        run_id = self.runs.get(trial.trial_id)
-        if run_id is not None:
-            self.tracker.set_tags(run_id, {STATUS_TAG: status, "segdist.error": redact(error.strip()[-500:])})
-            self.tracker.finish(run_id, "FAILED")
+        handle = self.runs.get(trial.trial_id)
+        if handle is not None:
+            self.tracker.set_tags(handle, {STATUS_TAG: status, "segdist.error": redact(error.strip()[-500:])})
+            self.tracker.finish(handle, "FAILED")

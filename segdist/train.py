@@ -61,6 +61,28 @@ def batches_per_epoch(num_samples: int, trial: TrialConfig, world_size: int) -> 
     return max(1, math.ceil(trial.train.epoch_scale * num_samples / global_batch))
 
 
+def largest_image_size(shard_dir: str) -> tuple[int, int]:
+    """(height, width) of the largest training image, from the shards' manifest."""
+    import pyarrow.fs
+    import pyarrow.parquet
+
+    if "://" in shard_dir:
+        filesystem, path = pyarrow.fs.FileSystem.from_uri(shard_dir)
+    else:
+        filesystem, path = pyarrow.fs.LocalFileSystem(), shard_dir
+    table = pyarrow.parquet.read_table(f"{path}/manifest.parquet", columns=["height", "width"],
+                                       filesystem=filesystem)
+    return max(table.column("height").to_pylist()), max(table.column("width").to_pylist())
+
+
+def crop_and_scale(trial: TrialConfig, full_image: bool):
+    """The variant's `full` token trains on whole images (the original: Cityscapes
+    1024x2048 at batch 1, flip only): crop = the largest image, no random resize."""
+    if full_image:
+        return largest_image_size(trial.data.train_shards), (1.0, 1.0), 0.0
+    return trial.train.crop_size, trial.train.scale_range, trial.train.aspect_jitter
+
+
 def split_batch(images: torch.Tensor, needs_edges: bool):
     """With edge variants the loader appends the Canny map as a 4th channel."""
     if needs_edges:
@@ -214,15 +236,16 @@ def fit(
         val_info, rank=rank, world_size=world_size, loader_workers=trial.data.loader_workers,
         edges=options.needs_edges, on_bad_sample=trial.train.on_bad_sample,
     )
+    crop_size, scale_range, aspect_jitter = crop_and_scale(trial, variant.full)
     for epoch in range(start_epoch, trial.train.epochs):
         epoch_start = time.time()
         loader = train_loader(
             train_info,
             batch_size=trial.train.batch_size,
             batches_per_epoch=steps_per_epoch,
-            crop_size=trial.train.crop_size,
-            scale_range=trial.train.scale_range,
-            aspect_jitter=trial.train.aspect_jitter,
+            crop_size=crop_size,
+            scale_range=scale_range,
+            aspect_jitter=aspect_jitter,
             seed=trial.train.seed,
             epoch=epoch,
             rank=rank,

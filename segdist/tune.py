@@ -85,12 +85,19 @@ def prepare_data(study: StudyConfig) -> None:
     that both splits are readable — before any Ray process starts."""
     from segdist.data.prepare import prepare_synthetic
     from segdist.data.stream import read_dataset_info
+    from segdist.models.variant import parse_variant
 
     data = study.base.data
     if data.synthetic_root:
         prepare_synthetic(data.synthetic_root, data.train_shards, data.val_shards)
-    for split in (data.train_shards, data.val_shards):
-        read_dataset_info(split)
+    train_info, _ = (read_dataset_info(split) for split in (data.train_shards, data.val_shards))
+    if study.smoke:
+        return  # smoke runs every variant on the generated set, `cs` ones too
+    for config in expand_configs(study):
+        wants = parse_variant(config.model.variant).dataset
+        if wants and wants != train_info.dataset:
+            raise SegdistError(f"{study.path}: variant {config.model.variant!r} is for {wants} but "
+                               f"{data.train_shards} holds {train_info.dataset} shards")
 
 
 def prepare_smoke(study: StudyConfig) -> StudyConfig:
@@ -271,7 +278,7 @@ def run_study(study: StudyConfig, args: argparse.Namespace, tracking_uri: str, s
     import ray.tune
     from ray.tune.schedulers import ASHAScheduler
 
-    from segdist.report import HEADLINE_METRIC, collect_rows, png_image, seeds_figure, study_table
+    from segdist.report import HEADLINE_METRIC, collect_rows, seeds_figure, study_table
     from segdist.seeds import SeedScheduler
     from segdist.tracking import STATUS_TAG, MlflowTrialCallback, StudyTracker
 
@@ -284,11 +291,11 @@ def run_study(study: StudyConfig, args: argparse.Namespace, tracking_uri: str, s
         if run.data.tags.get(STATUS_TAG) == "finished" and HEADLINE_METRIC in run.data.metrics
     }
     if parent is None:
-        tracker.log_params(tracker.parent_run_id, {
+        tracker.log_params("study", {
             "study.path": study.path, "study.seeds": dataclasses.asdict(study.seeds),
             "study.configurations": len(expand_configs(study)), "study.smoke": study.smoke,
         })
-        tracker.log_text(tracker.parent_run_id, Path(study.path).read_text(), "study.yaml")
+        tracker.log_text("study", Path(study.path).read_text(), "study.yaml")
     # One folder per study run: a fresh study never resumes an old one's checkpoints.
     storage = f"{storage_root.rstrip('/')}/{study.name}/{tracker.parent_run_id}"
     scheduler = SeedScheduler(expand_configs(study), study.seeds, finished=finished)
@@ -314,19 +321,19 @@ def run_study(study: StudyConfig, args: argparse.Namespace, tracking_uri: str, s
         ),
     )
     results = tuner.fit()
-    decisions = scheduler.decisions()
-    tracker.log_text(tracker.parent_run_id, json.dumps(decisions, indent=2), "seed_decisions.json")
-    tracker.flush()
-    table = study_table(tracker.client, tracker.experiment_id, tracker.parent_run_id, HEADLINE_METRIC,
-                        baseline=study.baseline, decisions=decisions)
-    tracker.log_text(tracker.parent_run_id, table, "report.md")
-    rows = collect_rows(tracker.client, tracker.experiment_id, tracker.parent_run_id, HEADLINE_METRIC)
-    figure = seeds_figure(rows, HEADLINE_METRIC)
-    tracker._write("seeds.png", lambda: tracker.client.log_image(tracker.parent_run_id, png_image(figure), "seeds.png"))
     # A diverged trial is a result (the table says so), not a failure of the study.
     errors = sum(1 for result in results if result.error is not None and "TrainingDiverged" not in str(result.error))
-    tracker.finish(tracker.parent_run_id, "FINISHED")
-    unsent = tracker.save_pending(Path(storage_root) if "://" not in storage_root else Path("."))
+    decisions = scheduler.decisions()
+    tracker.log_text("study", json.dumps(decisions, indent=2), "seed_decisions.json")
+    table = "(no table: MLflow was unreachable at the end of the study)"
+    if tracker.drain():
+        table = study_table(tracker.client, tracker.experiment_id, tracker.parent_run_id, HEADLINE_METRIC,
+                            baseline=study.baseline, decisions=decisions)
+        tracker.log_text("study", table, "report.md")
+        rows = collect_rows(tracker.client, tracker.experiment_id, tracker.parent_run_id, HEADLINE_METRIC)
+        tracker.log_image("study", seeds_figure(rows, HEADLINE_METRIC), "seeds.png")
+        tracker.finish("study", "FINISHED")
+    unsent = tracker.save_pending(Path(storage_root) if "://" not in storage_root else Path.cwd())
     return table, errors, callback, unsent
 
 
@@ -395,23 +402,23 @@ def run_crf_study(args: argparse.Namespace) -> int:
     storage = resolve_storage(args.storage)
     connect_ray(args.address)
     tracker = StudyTracker(tracking_uri, grid.name, grid.name)
-    tracker.log_text(tracker.parent_run_id, Path(grid.path).read_text(), "study.yaml")
+    tracker.log_text("study", Path(grid.path).read_text(), "study.yaml")
     results = run_crf_grid(grid, storage_path=storage)
     rows = []
     for index, result in enumerate(results):
         params = {k: v for k, v in result.config.items() if k not in ("probabilities", "limit", "workers")}
-        run_id = tracker.start_trial(f"crf-{index}", f"crf-{index}", params)
+        handle = tracker.start_trial(f"crf-{index}", f"crf-{index}", params)
         failed = result.error is not None or not result.metrics
         if not failed:
-            tracker.log_metrics(run_id, numeric_metrics(result.metrics), step=0)
+            tracker.log_metrics(handle, numeric_metrics(result.metrics), step=0)
             rows.append((result.metrics["val_miou"], params))
-        tracker.set_tags(run_id, {STATUS_TAG: "failed" if failed else "finished"})
-        tracker.finish(run_id, "FAILED" if failed else "FINISHED")
+        tracker.set_tags(handle, {STATUS_TAG: "failed" if failed else "finished"})
+        tracker.finish(handle, "FAILED" if failed else "FINISHED")
     table = "\n".join(["| CRF parameters | val_miou (%) |", "|---|---|"] + [
         f"| {' '.join(f'{k}={v:g}' for k, v in p.items())} | {100 * miou:.2f} |"
         for miou, p in sorted(rows, key=lambda r: -r[0])])
-    tracker.log_text(tracker.parent_run_id, table, "report.md")
-    tracker.finish(tracker.parent_run_id, "FINISHED")
+    tracker.log_text("study", table, "report.md")
+    tracker.finish("study", "FINISHED")
     print(table)
     return 0 if len(rows) == len(results) else 1
 

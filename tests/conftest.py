@@ -47,11 +47,11 @@ def tiny_shards(tmp_path_factory):
     return tuple(splits)
 
 
-def write_study(path: Path, train: Path, val: Path, **overrides) -> Path:
+def write_study(path: Path, train_shards: Path, val_shards: Path, **overrides) -> Path:
     """1 configuration x 2 seeds x 1 epoch x 2 workers, tiny model and images."""
     study = {
         "name": "tiny",
-        "data": {"train_shards": str(train), "val_shards": str(val), "loader_workers": 0},
+        "data": {"train_shards": str(train_shards), "val_shards": str(val_shards), "loader_workers": 0},
         "model": {"variant": "naked", "depth": 18, "width": 4, "output_stride": 8},
         "train": {"epochs": 1, "batch_size": 2, "crop_size": 40, "scale_range": [0.8, 1.2], "lr": 0.01},
         "resources": {"workers": 2, "cpus_per_worker": 1, "gpus_per_worker": 0, "max_concurrent_trials": 1},

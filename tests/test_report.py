@@ -30,3 +30,11 @@ def test_boundary_columns_appear_when_measured_and_csv_works():
 
 def test_seed_figure_is_a_png():
     assert seeds_figure([ConfigRow("a", "x", values=[0.5, 0.6])], "val_miou")[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_labels_name_the_variant_once_and_the_searched_values():
+    from segdist.report import config_label
+
+    assert config_label({"model.variant": "naked.fpn", "overrides": "model.variant=naked.fpn train.lr=0.01"}) \
+        == "naked.fpn train.lr=0.01"
+    assert config_label({"model.variant": "naked", "overrides": ""}) == "naked"

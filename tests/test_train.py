@@ -99,3 +99,16 @@ def test_soft_targets_equal_hard_cross_entropy_on_one_hot_labels():
     soft = F.one_hot(labels.clamp(max=2), 3).permute(0, 3, 1, 2).float()
     soft[0, :, 0, 0] = 0  # void pixel: all-zero soft target
     assert torch.allclose(segmentation_loss(logits, soft), segmentation_loss(logits, labels))
+
+
+def test_full_variant_trains_on_whole_images(tiny_shards):
+    from segdist.train import crop_and_scale, largest_image_size
+
+    trial = tiny_trial(*tiny_shards, epochs=1)
+    height, width = largest_image_size(str(tiny_shards[0]))
+    assert 40 <= height <= 56 and 40 <= width <= 56  # the fixture's generated sizes
+    assert crop_and_scale(trial, full_image=True) == ((height, width), (1.0, 1.0), 0.0)
+    assert crop_and_scale(trial, full_image=False) == (32, (0.8, 1.2), 0.0)
+    full = dataclasses.replace(trial, model=dataclasses.replace(trial.model, variant="naked.full.bs1"))
+    (metrics, _), = run(full)
+    assert metrics["epoch"] == 0

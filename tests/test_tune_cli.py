@@ -91,3 +91,11 @@ def test_resources_that_cannot_fit_fail_before_training(tmp_path, tiny_shards):
                                    "max_concurrent_trials": 1})
     result = tune("--space", str(space), cwd=tmp_path)
     assert_one_line_error(result, "big.yaml", "resources do not fit", "64 CPUs per trial")
+
+
+def test_a_cityscapes_variant_on_voc_layout_shards_is_refused(tmp_path, tiny_shards):
+    from tests.conftest import write_study
+
+    space = write_study(tmp_path / "cs.yaml", *tiny_shards, model={"variant": "cs.naked", "depth": 18, "width": 4})
+    assert_one_line_error(tune("--space", str(space), cwd=tmp_path), "cs.yaml", "'cs.naked' is for cityscapes",
+                          "synthetic shards")
