@@ -493,12 +493,17 @@ class StreamLoader:
 
 
 def _make_loader(
-    dataset: IterableDataset, loader_workers: int, length: int, multiprocessing_context
+    dataset: IterableDataset, loader_workers: int, length: int, multiprocessing_context, pin_memory=None
 ) -> StreamLoader:
     kwargs = {}
     if loader_workers > 0:
         kwargs = dict(worker_init_fn=_worker_init, multiprocessing_context=multiprocessing_context)
-    dl = DataLoader(dataset, batch_size=None, num_workers=loader_workers, collate_fn=_identity, **kwargs)
+    if pin_memory is None:  # page-locked batches where a GPU will take them (non_blocking copies)
+        pin_memory = torch.cuda.is_available()
+    dl = DataLoader(
+        dataset, batch_size=None, num_workers=loader_workers, collate_fn=_identity,
+        pin_memory=bool(pin_memory), **kwargs,
+    )
     return StreamLoader(dl, length)
 
 
@@ -531,6 +536,7 @@ def train_loader(
     edges: bool = False,
     on_bad_sample: str = "raise",
     multiprocessing_context=None,
+    pin_memory: bool | None = None,
 ) -> StreamLoader:
     """Exactly `batches_per_epoch` batches (images, targets) on every rank.
 
@@ -539,6 +545,7 @@ def train_loader(
     targets: int64 [B, h, w] in {0..C-1, 255} for label_mode "hard" and "trimap";
     float32 [B, C, h, w] soft targets for "edgemix" (all zero at void pixels).
     (h, w) = crop_size (an int or a (height, width) pair).
+    pin_memory: page-locked batches (default: when CUDA is available).
     """
     _check_common(info, rank, world_size, loader_workers)
     _check_on_bad(on_bad_sample)
@@ -569,7 +576,7 @@ def train_loader(
         shuffle_buffer=shuffle_buffer,
         on_bad_sample=on_bad_sample,
     )
-    return _make_loader(dataset, loader_workers, batches_per_epoch, multiprocessing_context)
+    return _make_loader(dataset, loader_workers, batches_per_epoch, multiprocessing_context, pin_memory)
 
 
 def val_samples_per_rank(info: DatasetInfo, rank: int, world_size: int, loader_workers: int = 1) -> int:
@@ -597,6 +604,7 @@ def val_loader(
     on_bad_sample: str = "raise",
     with_keys: bool = False,
     multiprocessing_context=None,
+    pin_memory: bool | None = None,
 ) -> StreamLoader:
     """Whole images, batch size 1, each sample exactly once across all ranks.
 
@@ -615,4 +623,4 @@ def val_loader(
         with_keys=with_keys,
     )
     length = val_samples_per_rank(info, rank, world_size, loader_workers)
-    return _make_loader(dataset, loader_workers, length, multiprocessing_context)
+    return _make_loader(dataset, loader_workers, length, multiprocessing_context, pin_memory)
