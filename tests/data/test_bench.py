@@ -9,6 +9,7 @@ def test_bench_data_measures(tmp_path, capsys):
             [
                 "data",
                 "--json",
+                "--no-mlflow",
                 "--samples",
                 "16",
                 "--repeats",

@@ -1,0 +1,162 @@
+"""segdist.bench: the arithmetic, the timing wrapper, tiny runs of the sections, MLflow."""
+
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from segdist import bench
+from segdist.bench import TimedLoader, gpu_peak, main, targets, utilisation
+
+
+def test_utilisation_is_achieved_flops_over_peak():
+    # 400 GFLOP per image at 1000 images/s = 400 TFLOP/s, on a 989.4 TFLOP/s peak
+    assert utilisation(400e9, 1000.0, 989.4e12) == pytest.approx(400 / 989.4)
+    with pytest.raises(ValueError):
+        utilisation(1.0, 1.0, 0.0)
+
+
+@pytest.mark.parametrize(
+    "name, row, bf16",
+    [
+        ("NVIDIA H100 80GB HBM3", "H100 SXM", 989.4),
+        ("NVIDIA H100 PCIe", "H100 PCIe", 756.0),
+        ("NVIDIA H200", "H200", 989.4),
+        ("NVIDIA A100-SXM4-80GB", "A100", 312.0),
+    ],
+)
+def test_gpu_peak_table_by_device_name(name, row, bf16):
+    found_row, peaks = gpu_peak(name)
+    assert found_row == row and peaks["bf16"] == bf16
+
+
+def test_gpu_peak_unknown_device_is_none():
+    assert gpu_peak("Some Future GPU") is None
+
+
+def test_timed_loader_steady_state_excludes_warmup():
+    loader = TimedLoader([])
+    loader.starts = [0.0, 10.0, 11.0, 12.0]  # batch 0 handed out late: start-up
+    loader.waits = [10.0, 0.5, 0.1, 0.1]
+    out = loader.steady(end=13.0, warmup=1, images_per_step=4)
+    assert out["timed_steps"] == 3
+    assert out["img_per_s"] == pytest.approx(3 * 4 / 3.0)
+    assert out["step_s"] == pytest.approx(1.0)
+    assert out["data_wait_fraction"] == pytest.approx(0.2 / 3.0)
+
+
+def test_timed_loader_records_every_batch():
+    loader = TimedLoader([1, 2, 3])
+    assert list(loader) == [1, 2, 3]
+    assert len(loader.starts) == len(loader.waits) == 3 and loader.first_at is not None
+
+
+def test_training_flops_are_forward_plus_backward():
+    from segdist.models import build_model, describe_model
+
+    trial = bench.quickstart_trial()
+    model = build_model(dataclasses.replace(trial.model, width=4), 5)
+    total = bench.train_flops_per_image(model, 48, 5)
+    forward = describe_model(model, 5, 48)["gflops"] * 1e9
+    # backward = grad input + grad weight (~2x forward), less the first conv's grad input
+    assert 2.5 * forward < total <= 3.05 * forward
+
+
+def test_targets_are_checked_from_the_figures():
+    figures = {
+        "data": {"shards_per_s": 1000.0, "shards_vs_decode_limit": 0.7, "shards_vs_folder": 1.1},
+        "train": {"bf16_speedup": 1.2, "bf16_channels_last_speedup": 1.6,
+                  "quickstart_img_per_s_fixed_batch": 100.0},
+        "ray": {"ray_throughput_ratio": 0.97},
+    }
+    out = targets(figures)
+    assert out["data_vs_decode_limit_met"] is False and out["shards_vs_folder_met"] is True
+    assert out["cpu_bf16_speedup"] == 1.6 and out["cpu_bf16_speedup_met"] is True
+    assert out["data_vs_quickstart_step"] == 10.0 and out["data_vs_quickstart_step_met"] is True
+    assert out["ray_throughput_ratio_met"] is True
+    assert "gpu_bf16_mfu_321" not in out
+
+
+def test_train_section_tiny(tmp_path, capsys):
+    argv = ["train", "--json", "--no-mlflow", "--depth", "18", "--width", "4", "--crop", "33",
+            "--batch-size", "1", "--steps", "1", "--warmup", "0", "--no-channels-last",
+            "--matmul-size", "64", "--matmul-seconds", "0.01", "--quickstart-steps", "1",
+            "--quickstart-warmup", "0", "--samples", "16", "--work-dir", str(tmp_path)]
+    assert main(argv) == 0
+    result = json.loads(capsys.readouterr().out)
+    for key in ("img_per_s_fp32", "img_per_s_bf16", "gflops_per_image_fwd_bwd", "matmul_gflops_fp32",
+                "matmul_gflops_bf16", "roofline_ratio_fp32", "roofline_ratio_bf16",
+                "quickstart_img_per_s_fixed_batch", "quickstart_loader_per_core_per_s"):
+        assert result[key] > 0, key
+    assert result["steps"] == 1 and 0 <= result["quickstart_data_wait_fraction"] < 1
+    assert result["machine"]["torch"] == torch.__version__
+
+
+def test_plain_distributed_runner_two_processes(tiny_shards):
+    train, _val = tiny_shards
+    trial = bench.quickstart_trial(str(train))
+    trial = dataclasses.replace(
+        trial,
+        model=dataclasses.replace(trial.model, width=4),
+        train=dataclasses.replace(trial.train, batch_size=2, crop_size=32),
+        data=dataclasses.replace(trial.data, loader_workers=0),
+    )
+    spec = {"trial": dataclasses.asdict(trial), "steps": 4, "warmup": 1, "threads": 1}
+    result = bench.run_plain(spec, 2)
+    assert result["timed_steps"] == 3
+    assert result["img_per_s"] > 0 and result["startup_s"] > 0
+    assert 0 <= result["data_wait_fraction"] < 1
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-CUDA answer")
+def test_gpu_section_without_cuda(capsys):
+    assert main(["gpu", "--json", "--no-mlflow"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["gpu"] == "no CUDA device"
+
+
+def test_figures_are_logged_to_mlflow(tmp_path, capsys):
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    argv = ["data", "--json", "--tracking-uri", uri, "--samples", "8", "--repeats", "1", "--min-size", "32",
+            "--max-size", "40", "--crop", "24", "--work-dir", str(tmp_path)]
+    assert main(argv) == 0
+    result = json.loads(capsys.readouterr().out)
+    client = MlflowClient(tracking_uri=uri)
+    experiment = client.get_experiment_by_name("segdist-bench")
+    (run,) = client.search_runs([experiment.experiment_id])
+    assert run.info.run_id == result["mlflow_run_id"]
+    assert run.data.metrics["shards_per_s"] == result["shards_per_s"]
+    assert run.data.params["machine.torch"] == torch.__version__
+    assert run.data.params["command"] == "data"
+
+
+def test_unreachable_tracking_store_is_one_line(tmp_path, capsys):
+    uri = f"sqlite:///{tmp_path / 'missing' / 'mlflow.db'}"
+    assert main(["gpu", "--tracking-uri", uri]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "segdist: error:" in err[0]
+
+
+def test_fast_resize_matches_the_pillow_reference():
+    """The OpenCV path: labels exactly PIL's NEAREST, the image within one grey level of
+    PIL's BILINEAR when enlarging (shrinking differs: no low-pass, as cv2 INTER_LINEAR)."""
+    from segdist.data import transforms as T
+
+    if T.cv2 is None:
+        pytest.skip("OpenCV not installed: the PIL path is the only one")
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[:37, :45]
+    rgb = np.stack([np.sin(xx / 5) * 100 + 120, np.cos(yy / 4) * 90 + 120, (xx * 3 + yy) % 200 + 20], -1)
+    image = Image.fromarray(rgb.astype(np.uint8))
+    label = rng.choice(np.array([0, 1, 2, 255], np.uint8), size=(37, 45))
+    for _ in range(50):
+        p = T.sample_crop_params(rng, 37, 45, (24, 24), (1.0, 2.5), aspect_jitter=0.1)
+        rgb_fast, lab_fast, placed = T.resize_crop(image, label, p, (24, 24))
+        rgb_ref, lab_ref = T._resize_crop_pillow(image, label, p, (24, 24))
+        assert np.array_equal(lab_fast, lab_ref)
+        assert np.abs(rgb_fast.astype(int) - rgb_ref.astype(int)).max() <= 1
