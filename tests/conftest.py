@@ -2,9 +2,12 @@
 
 
 import os
+import shutil
+import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -106,3 +109,93 @@ def mlflow_server(tmp_path):
     finally:
         process.terminate()
         process.wait(timeout=30)
+
+
+class LoopbackCluster:
+    """A Ray head and worker nodes on 127.0.0.1 with token authentication, each node with
+    its own temp dir, so a test can kill one node, and tear down only its own processes
+    (never `ray stop`, which would stop every Ray on the machine)."""
+
+    def __init__(self, token: str):
+        self.ray = os.path.join(os.path.dirname(sys.executable), "ray")
+        self.env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+        self.env.update({"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token})
+        self.gcs_port, self.dashboard_port = free_port(), free_port()
+        self.temp_dirs: list[str] = []
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.gcs_port}"
+
+    @property
+    def dashboard(self) -> str:
+        return f"http://127.0.0.1:{self.dashboard_port}"
+
+    def _start(self, *args: str) -> str:
+        # Short temp dirs: raylet socket paths must stay under the AF_UNIX length limit.
+        temp = tempfile.mkdtemp(prefix="rn-", dir="/tmp")
+        self.temp_dirs.append(temp)
+        result = subprocess.run([self.ray, "start", *args, "--node-ip-address=127.0.0.1", "--num-cpus=1",
+                                 "--disable-usage-stats", f"--temp-dir={temp}"],
+                                env=self.env, capture_output=True, text=True, timeout=180)
+        assert result.returncode == 0, result.stderr[-2000:]
+        return temp
+
+    def start_head(self) -> str:
+        return self._start("--head", f"--port={self.gcs_port}", "--dashboard-host=127.0.0.1",
+                           f"--dashboard-port={self.dashboard_port}")
+
+    def add_node(self) -> str:
+        return self._start(f"--address={self.address}")
+
+    def kill_node(self, temp_dir: str) -> None:
+        """SIGKILL a node's raylet and helpers; its worker processes die with the raylet."""
+        for pid in pids_with(temp_dir):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+    def shutdown(self) -> None:
+        for temp in reversed(self.temp_dirs):
+            self.kill_node(temp)
+        time.sleep(2)
+        for temp in self.temp_dirs:
+            shutil.rmtree(temp, ignore_errors=True)
+
+
+def pids_with(fragment: str, descendant_of: int | None = None) -> list[int]:
+    """Processes whose command line contains `fragment` (and, if given, that descend from
+    `descendant_of`, so a test never touches another Ray on the same machine)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if fragment in (entry / "cmdline").read_bytes().decode(errors="replace"):
+                    found.append(int(entry.name))
+            except OSError:
+                continue
+    if descendant_of is not None:
+        found = [pid for pid in found if descendant_of in ancestors(pid)]
+    return found
+
+
+def ancestors(pid: int) -> list[int]:
+    chain = []
+    while pid > 1:
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+        except OSError:
+            break
+        pid = int(stat.rsplit(")", 1)[1].split()[1])  # field 4: the parent's pid
+        chain.append(pid)
+    return chain
+
+
+@pytest.fixture
+def loopback_cluster():
+    cluster = LoopbackCluster(token="segdist-test-" + os.urandom(8).hex())
+    try:
+        yield cluster
+    finally:
+        cluster.shutdown()

@@ -1,18 +1,16 @@
 """A tiny study end to end: real local Ray (2 DDP workers per trial) and the real MLflow
 store, then the same through `ray job submit` on a head + worker node on 127.0.0.1."""
 
-import os
-import shutil
 import subprocess
 import sys
-import tempfile
+import time
 import urllib.error
 import urllib.request
 
 import pytest
 from mlflow.tracking import MlflowClient
 
-from tests.conftest import ROOT, free_port, run_cli, write_study
+from tests.conftest import ROOT, run_cli, write_study
 
 pytestmark = pytest.mark.integration
 
@@ -68,49 +66,39 @@ def test_tiny_study_on_local_ray_is_recorded_in_mlflow(tmp_path, tiny_shards):
     assert "| naked |" in report.stdout
 
 
-def test_ray_job_submit_on_two_nodes_with_token_auth(tmp_path, tiny_shards, mlflow_server):
+def test_ray_job_submit_on_two_nodes_with_token_auth(tmp_path, tiny_shards, mlflow_server, loopback_cluster):
     space = write_study(tmp_path / "tiny.yaml", *tiny_shards)
-    ray = os.path.join(os.path.dirname(sys.executable), "ray")
-    gcs_port, dashboard_port = free_port(), free_port()
-    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": "segdist-test-" + os.urandom(8).hex()}
-    env.pop("RAY_ADDRESS", None)
+    cluster = loopback_cluster
+    cluster.start_head()
+    cluster.add_node()  # 1 CPU each: the trial's two DDP workers span both nodes
 
-    def ray_cli(*args, timeout=180):
-        return subprocess.run([ray, *args], env=env, capture_output=True, text=True, timeout=timeout)
+    # The job server refuses a wrong token and a request without one.
+    refused = subprocess.run(
+        [cluster.ray, "job", "submit", "--address", cluster.dashboard, "--", "echo", "hi"],
+        env={**cluster.env, "RAY_AUTH_TOKEN": "not-the-cluster-token"}, capture_output=True, text=True, timeout=120,
+    )
+    assert refused.returncode != 0
+    assert "token is invalid" in refused.stdout + refused.stderr
+    with pytest.raises(urllib.error.HTTPError) as anonymous:
+        urllib.request.urlopen(cluster.dashboard + "/api/jobs/", timeout=10)
+    assert anonymous.value.code == 401
 
-    worker_temp = None
-    head = ray_cli("start", "--head", "--node-ip-address=127.0.0.1", f"--port={gcs_port}",
-                   "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}",
-                   "--num-cpus=1", "--disable-usage-stats")
-    try:
-        assert head.returncode == 0, head.stderr[-2000:]
-        # Its own temp dir: two nodes on one machine would otherwise share runtime_resources/,
-        # and the worker node's clean-up would delete the job's working_dir under the driver.
-        worker_temp = tempfile.mkdtemp(prefix="rw-", dir="/tmp")  # short: raylet socket paths
-        worker = ray_cli("start", f"--address=127.0.0.1:{gcs_port}", "--node-ip-address=127.0.0.1",
-                         "--num-cpus=1", "--disable-usage-stats", f"--temp-dir={worker_temp}")
-        assert worker.returncode == 0, worker.stderr[-2000:]
-        dashboard = f"http://127.0.0.1:{dashboard_port}"
+    # The head's job agent comes up a little after `ray start` returns.
+    def agent_ready():
+        probe = subprocess.run([cluster.ray, "job", "submit", "--address", cluster.dashboard, "--", "true"],
+                               env=cluster.env, capture_output=True, text=True, timeout=120)
+        return probe.returncode == 0 or "No available agent" not in probe.stdout + probe.stderr
 
-        # The job server refuses a wrong token and a request without one.
-        refused = subprocess.run(
-            [ray, "job", "submit", "--address", dashboard, "--", "echo", "hi"],
-            env={**env, "RAY_AUTH_TOKEN": "not-the-cluster-token"}, capture_output=True, text=True, timeout=120,
-        )
-        assert refused.returncode != 0
-        assert "token is invalid" in refused.stdout + refused.stderr
-        with pytest.raises(urllib.error.HTTPError) as anonymous:
-            urllib.request.urlopen(dashboard + "/api/jobs/", timeout=10)
-        assert anonymous.value.code == 401
+    deadline = time.time() + 120
+    while not agent_ready() and time.time() < deadline:
+        time.sleep(3)
 
-        job = ray_cli("job", "submit", "--address", dashboard, "--working-dir", str(ROOT), "--",
-                      sys.executable, "-m", "segdist.tune", "--space", str(space),
-                      "--tracking-uri", mlflow_server, "--storage", str(tmp_path / "ray_results"),
-                      timeout=900)
-        assert job.returncode == 0, job.stdout[-4000:] + job.stderr[-2000:]
-        assert "2 trials" in job.stdout
-    finally:
-        ray_cli("stop", "--force")
-        if worker_temp:
-            shutil.rmtree(worker_temp, ignore_errors=True)
+    job = subprocess.run(
+        [cluster.ray, "job", "submit", "--address", cluster.dashboard, "--working-dir", str(ROOT), "--",
+         sys.executable, "-m", "segdist.tune", "--space", str(space),
+         "--tracking-uri", mlflow_server, "--storage", str(tmp_path / "ray_results")],
+        env=cluster.env, capture_output=True, text=True, timeout=900,
+    )
+    assert job.returncode == 0, job.stdout[-4000:] + job.stderr[-2000:]
+    assert "2 trials" in job.stdout
     assert_study_recorded(MlflowClient(mlflow_server))
