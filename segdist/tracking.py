@@ -311,6 +311,11 @@ class MlflowTrialCallback(Callback):
     def on_trial_result(self, iteration, trials, trial, result, **info):
         handle = self.runs[trial.trial_id]
         epoch = int(result["epoch"])
+        for earlier in json.loads(result.get("resumed_history_json", "[]")):
+            # A resumed trial brings the epochs its checkpoint saw: log any MLflow lacks.
+            if int(earlier["epoch"]) > self.last_epoch.get(trial.trial_id, -1):
+                self.tracker.log_metrics(handle, numeric_metrics(earlier), step=int(earlier["epoch"]))
+                self.last_epoch[trial.trial_id] = int(earlier["epoch"])
         if "worker_started_at" in result:
             self.worker_starts.setdefault(trial.trial_id, set()).add(round(result["worker_started_at"], 3))
         # A restarted worker group resumes after its last checkpoint: never log an epoch twice.

@@ -8,6 +8,7 @@ the same loop runs under Ray Train (`ray_train_loop`), plain torch.distributed a
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import tempfile
 import time
@@ -226,11 +227,15 @@ def fit(
     scheduler = poly_schedule(optimizer, trial.train.epochs * steps_per_epoch, trial.train.poly_power)
 
     start_epoch = 0
+    # Every epoch's metrics travel with the checkpoints, so a resumed trial can hand the
+    # tracker epochs the driver may never have logged (it can die after a checkpoint).
+    history: list[dict[str, Any]] = []
     if resume is not None:
         model.load_state_dict(resume["model"])
         optimizer.load_state_dict(resume["optimizer"])
         scheduler.load_state_dict(resume["scheduler"])
         start_epoch = resume["epoch"] + 1
+        history = list(resume.get("history", []))
 
     validation = val_loader(
         val_info, rank=rank, world_size=world_size, loader_workers=trial.data.loader_workers,
@@ -288,6 +293,9 @@ def fit(
         })
         if rank == 0 and epoch == start_epoch:
             metrics.update({f"model_{key}": value for key, value in model_info.items()})
+            if history:
+                metrics["resumed_history_json"] = json.dumps(history)
+        history.append({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
         state = None
         if rank == 0:
             state = {
@@ -298,6 +306,7 @@ def fit(
                 "classes": list(classes),
                 "trial": dataclasses.asdict(trial),
                 "metrics": metrics,
+                "history": history,
                 "pictures": pictures,
             }
         report(metrics, state)

@@ -33,7 +33,7 @@ def run(trial, resume=None):
 
 
 def comparable(metrics):
-    timing = ("train_images_per_s", "epoch_time_s", "worker_started_at")
+    timing = ("train_images_per_s", "epoch_time_s", "worker_started_at", "resumed_history_json")
     return {k: v for k, v in metrics.items() if k not in timing and not k.startswith("model_")}
 
 
@@ -112,3 +112,16 @@ def test_full_variant_trains_on_whole_images(tiny_shards):
     full = dataclasses.replace(trial, model=dataclasses.replace(trial.model, variant="naked.full.bs1"))
     (metrics, _), = run(full)
     assert metrics["epoch"] == 0
+
+
+def test_a_resumed_trial_reports_the_history_its_checkpoint_holds(tiny_shards):
+    import json
+
+    trial = tiny_trial(*tiny_shards, epochs=3)
+    straight = run(trial)
+    assert [h["epoch"] for h in straight[1][1]["history"]] == [0, 1]
+    resumed = run(trial, resume=straight[1][1])  # from the epoch-1 checkpoint
+    history = json.loads(resumed[0][0]["resumed_history_json"])
+    assert [h["epoch"] for h in history] == [0, 1]
+    assert history[1]["val_miou"] == straight[1][0]["val_miou"]
+    assert "resumed_history_json" not in straight[0][0]

@@ -9,7 +9,6 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from conftest import save_checkpoint, tiny_trial
 from PIL import Image
 
 from segdist.crf import CrfParams, crf_grid_trial, load_sample, read_meta, saved_keys, score_saved
@@ -30,6 +29,7 @@ from segdist.metrics import confusion_matrix, scores
 from segdist.models import build_model
 from segdist.msf import MultiScaleInference
 from segdist.visualize import log_evaluation_pictures
+from tests.evaluation.conftest import save_checkpoint, tiny_trial
 
 C = len(SYNTHETIC_CLASSES)
 

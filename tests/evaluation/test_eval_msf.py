@@ -3,10 +3,10 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import ConvModel
 from torch import nn
 
 from segdist.msf import MultiScaleInference, tile_starts, tile_stride
+from tests.evaluation.conftest import ConvModel
 
 
 def whole(model, x):
