@@ -168,18 +168,24 @@ SEARCH_KINDS = ("grid", "choice", "loguniform", "uniform")
 TOP_LEVEL_KEYS = ("name", *SECTIONS, "search", "seeds", "samples", "search_seed", "screening", "baseline")
 
 
-def load_study(path: str | Path) -> StudyConfig:
-    """Read and validate a study YAML; every mistake is one SegdistError line."""
+def read_study_file(path: str | Path) -> Any:
+    """The parsed YAML of a study file (any kind); a missing or broken file is one line."""
     path = Path(path)
     try:
-        raw = yaml.safe_load(path.read_text())
-    except FileNotFoundError:
+        return yaml.safe_load(path.read_text())
+    except (FileNotFoundError, IsADirectoryError):
         raise SegdistError(f"{path}: study file not found") from None
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
         problem = getattr(err, "problem", None) or "not valid YAML"
         raise SegdistError(f"{path}: broken YAML{where}: {problem}") from None
+
+
+def load_study(path: str | Path) -> StudyConfig:
+    """Read and validate a study YAML; every mistake is one SegdistError line."""
+    path = Path(path)
+    raw = read_study_file(path)
     if not isinstance(raw, dict):
         raise SegdistError(f"{path}: a study file must be a mapping of sections")
     return parse_study(raw, str(path))

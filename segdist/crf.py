@@ -333,16 +333,9 @@ def load_crf_grid(path: str | os.PathLike) -> CrfGrid:
         limit: 0                          # score only the first N images (0 = all)
         max_concurrent_trials: 1
     """
-    import yaml
+    from segdist.config import read_study_file
 
-    path = Path(path)
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except FileNotFoundError:
-        raise SegdistError(f"{path}: study file not found") from None
-    except yaml.YAMLError as err:
-        raise SegdistError(f"{path}: broken YAML ({str(err).splitlines()[0]})") from None
-    return parse_crf_grid(raw, str(path))
+    return parse_crf_grid(read_study_file(path), str(path))
 
 
 def parse_crf_grid(raw: Any, where: str) -> CrfGrid:

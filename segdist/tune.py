@@ -21,13 +21,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from segdist.config import (
     StudyConfig,
     TrialConfig,
     expand_configs,
     load_study,
+    read_study_file,
     smoke_study,
     trial_key,
 )
@@ -425,10 +424,7 @@ def run_crf_study(args: argparse.Namespace) -> int:
 
 def _study_kind(path: str) -> str:
     """Training studies have no `kind`; other kinds (crf_grid) have their own runner."""
-    try:
-        raw = yaml.safe_load(Path(path).read_text())
-    except (OSError, yaml.YAMLError):
-        return "training"  # load_study reports the problem properly
+    raw = read_study_file(path)
     return raw.get("kind", "training") if isinstance(raw, dict) else "training"
 
 

@@ -56,15 +56,14 @@ def wait_until(predicate, timeout: float = 300, what: str = "condition"):
     raise TimeoutError(f"timed out waiting for {what}")
 
 
-def test_a_killed_worker_restarts_from_its_checkpoint_and_no_epoch_is_logged_twice(tmp_path, tiny_shards):
-    space = write_study(tmp_path / "w.yaml", *tiny_shards, train=SLOW_EPOCHS, seeds=[0])
-    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    process = start_tune(space, tmp_path)
+def interrupt_and_check_recovery(space: Path, cwd: Path, fault, *extra: str, env=None) -> None:
+    """Start the study, inject `fault(process)` once epoch 0 is in MLflow (mid-epoch 1),
+    then require the trial to finish with every epoch logged once and a restart counted."""
+    client = MlflowClient(f"sqlite:///{cwd / 'mlflow.db'}")
+    process = start_tune(space, cwd, *extra, env=env)
     try:
         wait_until(lambda: any(steps(client, r) for r in trial_runs(client, "tiny")), what="epoch 0 in MLflow")
-        workers = wait_until(lambda: pids_with("ray::RayTrainWorker", descendant_of=process.pid),
-                             what="a Ray Train worker of this study")
-        os.kill(workers[0], signal.SIGKILL)  # mid-epoch 1
+        fault(process)
         code, output = finish(process)
     finally:
         if process.poll() is None:
@@ -74,32 +73,31 @@ def test_a_killed_worker_restarts_from_its_checkpoint_and_no_epoch_is_logged_twi
     assert run.info.status == "FINISHED" and run.data.tags["segdist.status"] == "finished"
     assert steps(client, run) == [0, 1, 2]
     assert run.data.metrics["worker_restarts"] >= 1
-    assert "worker restarts" in open(client.download_artifacts(
-        run.data.tags["mlflow.parentRunId"], "report.md")).read()
+    report = open(client.download_artifacts(run.data.tags["mlflow.parentRunId"], "report.md")).read()
+    assert "worker restarts" in report
+
+
+def test_a_killed_worker_restarts_from_its_checkpoint_and_no_epoch_is_logged_twice(tmp_path, tiny_shards):
+    def kill_one_worker(process):
+        workers = wait_until(lambda: pids_with("ray::RayTrainWorker", descendant_of=process.pid),
+                             what="a Ray Train worker of this study")
+        os.kill(workers[0], signal.SIGKILL)
+
+    space = write_study(tmp_path / "w.yaml", *tiny_shards, train=SLOW_EPOCHS, seeds=[0])
+    interrupt_and_check_recovery(space, tmp_path, kill_one_worker)
 
 
 def test_a_lost_node_is_replaced_and_the_trial_is_retried(tmp_path, tiny_shards, loopback_cluster):
     cluster = loopback_cluster
     cluster.start_head()
     doomed = cluster.add_node()  # the trial's two workers span the head and this node
-    space = write_study(tmp_path / "node.yaml", *tiny_shards, train=SLOW_EPOCHS, seeds=[0])
-    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    process = start_tune(space, tmp_path, "--address", cluster.address, env=cluster.env)
-    try:
-        wait_until(lambda: any(steps(client, r) for r in trial_runs(client, "tiny")), what="epoch 0 in MLflow")
+
+    def lose_the_node(process):
         cluster.kill_node(doomed)
         cluster.add_node()  # the replacement (what an autoscaler does)
-        code, output = finish(process)
-    finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGKILL)
-    assert code == 0, output[-4000:]
-    (run,) = trial_runs(client, "tiny")
-    assert run.data.tags["segdist.status"] == "finished"
-    assert steps(client, run) == [0, 1, 2]
-    assert run.data.metrics["worker_restarts"] >= 1
-    report = open(client.download_artifacts(run.data.tags["mlflow.parentRunId"], "report.md")).read()
-    assert "worker restarts" in report
+
+    space = write_study(tmp_path / "node.yaml", *tiny_shards, train=SLOW_EPOCHS, seeds=[0])
+    interrupt_and_check_recovery(space, tmp_path, lose_the_node, "--address", cluster.address, env=cluster.env)
 
 
 def test_a_killed_driver_resumes_without_rerunning_finished_trials(tmp_path, tiny_shards):
