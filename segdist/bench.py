@@ -35,7 +35,7 @@ import json
 import math
 import os
 import platform
-import socket
+import shutil
 import statistics
 import subprocess
 import sys
@@ -239,7 +239,8 @@ def run_steps(model, loader, trial, options, warmup: int, images_per_step: int, 
     """segdist.train.train_one_epoch over `loader` (timed): the steady-state figures."""
     from segdist.train import make_optimizer, poly_schedule, train_one_epoch
 
-    module = getattr(model, "module", model)
+    module = getattr(model, "_orig_mod", model)  # torch.compile's wrapper
+    module = getattr(module, "module", module)  # DDP's
     optimizer = make_optimizer(module, trial)
     scheduler = poly_schedule(optimizer, total_steps or len(loader), trial.train.poly_power)
     timed = TimedLoader(loader)
@@ -281,24 +282,34 @@ def train_flops_per_image(model, size: int, classes: int) -> float:
     return float(counter.get_total_flops())
 
 
-def matmul_gflops(dtype_name: str, n: int, seconds: float) -> float:
-    """Best GFLOP/s of an n x n x n torch.mm in `dtype_name` over about `seconds` (a roofline)."""
+def matmul_gflops(dtype_name: str, n: int, seconds: float) -> dict[str, float]:
+    """Best GFLOP/s of an n x n by n x n matrix product in `dtype_name`, each way torch runs
+    one on this CPU, over about `seconds` each: torch.mm (MKL for fp32 where torch has it,
+    oneDNN for bf16) and the same product as a 1x1 convolution (oneDNN; on some CPUs, e.g.
+    AMD with MKL, far faster than torch.mm in fp32). The roofline is the larger."""
     import torch
+    import torch.nn.functional as F
 
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype_name]
     g = torch.Generator().manual_seed(0)
     a = torch.randn(n, n, generator=g).to(dtype)
     b = torch.randn(n, n, generator=g).to(dtype)
-    torch.mm(a, b)
-    best = 0.0
-    deadline = time.perf_counter() + seconds
-    reps = 0
-    while reps < 3 or time.perf_counter() < deadline:
-        start = time.perf_counter()
-        torch.mm(a, b)
-        best = max(best, 2.0 * n**3 / (time.perf_counter() - start))
-        reps += 1
-    return best / 1e9
+    side = 32 if n % 32 == 0 else 1
+    x = torch.randn(1, n, side, n // side, generator=g).to(dtype).contiguous(memory_format=torch.channels_last)
+    w = torch.randn(n, n, 1, 1, generator=g).to(dtype).contiguous(memory_format=torch.channels_last)
+
+    def best(fn) -> float:
+        fn()
+        top, reps = 0.0, 0
+        deadline = time.perf_counter() + seconds
+        while reps < 3 or time.perf_counter() < deadline:
+            start = time.perf_counter()
+            fn()
+            top = max(top, 2.0 * n**3 / (time.perf_counter() - start))
+            reps += 1
+        return top / 1e9
+
+    return {"mm": best(lambda: torch.mm(a, b)), "conv1x1": best(lambda: F.conv2d(x, w))}
 
 
 # ----------------------------------------------------------------------------- data
@@ -350,22 +361,36 @@ def _cpu_timed_rounds(fns: dict[str, Callable[[], int]], repeats: int) -> dict[s
 
 
 def _run_data(args) -> dict:
-    import numpy as np
     import torch
+
+    from segdist.data.transforms import cv2
+
+    if args.samples < args.batch_size or args.repeats < 1:
+        raise SegdistError("--samples must be at least --batch-size and --repeats at least 1")
+    threads = torch.get_num_threads()
+    cv2_threads = cv2.getNumThreads() if cv2 is not None else None
+    torch.set_num_threads(1)
+    if cv2 is not None:
+        cv2.setNumThreads(1)  # this process only; loader workers are not started here
+    try:
+        return _measure_data(args)
+    finally:
+        torch.set_num_threads(threads)
+        if cv2 is not None:
+            cv2.setNumThreads(cv2_threads)
+
+
+def _measure_data(args) -> dict:
+    import numpy as np
 
     from segdist.data.classes import DATASET_CLASSES
     from segdist.data.sample import decode_image, decode_label_png, invalid_label_lut
     from segdist.data.shard_writer import build_from_source
     from segdist.data.stream import decode_sample, iter_shard, make_batches, read_dataset_info, train_loader
     from segdist.data.synthetic import write_synthetic_voc
-    from segdist.data.transforms import TrainTransform, cv2
+    from segdist.data.transforms import TrainTransform
     from segdist.data.voc import VocSource
 
-    torch.set_num_threads(1)
-    if cv2 is not None:
-        cv2.setNumThreads(1)  # this process only; loader workers are not started here
-    if args.samples < args.batch_size or args.repeats < 1:
-        raise SegdistError("--samples must be at least --batch-size and --repeats at least 1")
     classes = DATASET_CLASSES[args.dataset]
     with tempfile.TemporaryDirectory(dir=args.work_dir) as tmp:
         root = args.root
@@ -535,8 +560,11 @@ def _run_train(args) -> dict:
         result[f"img_per_s_{name}"] = round(args.batch_size / steady["median_step_s"], 4)
         result[f"step_s_{name}"] = round(steady["median_step_s"], 3)
     model = net = None
-    result["matmul_gflops_fp32"] = round(matmul_gflops("fp32", args.matmul_size, args.matmul_seconds), 1)
-    result["matmul_gflops_bf16"] = round(matmul_gflops("bf16", args.matmul_size, args.matmul_seconds), 1)
+    for dtype in ("fp32", "bf16"):
+        ways = matmul_gflops(dtype, args.matmul_size, args.matmul_seconds)
+        result[f"matmul_gflops_{dtype}_mm"] = round(ways["mm"], 1)
+        result[f"matmul_gflops_{dtype}_conv1x1"] = round(ways["conv1x1"], 1)
+        result[f"matmul_gflops_{dtype}"] = round(max(ways.values()), 1)  # the roofline
     for name, dtype in (("fp32", "fp32"), ("bf16", "bf16"), ("bf16_channels_last", "bf16")):
         if f"img_per_s_{name}" not in result:
             continue
@@ -665,23 +693,18 @@ def dist_loop(spec: dict[str, Any], rank: int, world_size: int) -> dict[str, Any
     return result
 
 
-def _plain_worker(rank: int, world_size: int, spec: dict, port: int, queue) -> None:
+def _plain_worker(rank: int, world_size: int, spec: dict, rendezvous: str, queue) -> None:
     import torch.distributed as dist
 
     if world_size > 1:
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
+        # a file rendezvous: no port to pick (and to lose to another process) beforehand
+        dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=world_size)
     try:
         result = dist_loop(spec, rank, world_size)
     finally:
         if world_size > 1:
             dist.destroy_process_group()
     queue.put(result)
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def run_plain(spec: dict[str, Any], world_size: int) -> dict[str, Any]:
@@ -695,10 +718,13 @@ def run_plain(spec: dict[str, Any], world_size: int) -> dict[str, Any]:
     # comparison is of the frameworks, not of an environment variable
     saved = os.environ.get("OMP_NUM_THREADS")
     os.environ["OMP_NUM_THREADS"] = str(spec["threads"])
+    rendezvous_dir = tempfile.mkdtemp(prefix="segdist-bench-")
     launched = time.time()
     try:
-        mp.spawn(_plain_worker, args=(world_size, spec, _free_port(), queue), nprocs=world_size, join=True)
+        mp.spawn(_plain_worker, args=(world_size, spec, os.path.join(rendezvous_dir, "rendezvous"), queue),
+                 nprocs=world_size, join=True)
     finally:
+        shutil.rmtree(rendezvous_dir, ignore_errors=True)
         if saved is None:
             os.environ.pop("OMP_NUM_THREADS", None)
         else:
@@ -949,13 +975,51 @@ def _tf32_convs() -> bool:
     return bool(torch.backends.cudnn.allow_tf32)
 
 
+def measure_mode(cpu_model, trial, mode: str, size: int, batch: int, steps: int, warmup: int, classes: int,
+                 device) -> dict[str, float]:
+    """Training steps of a copy of `cpu_model` on `device` in one mode (fp32 | bf16 |
+    bf16_channels_last | bf16_channels_last_compile): images/s over `steps` after `warmup`
+    untimed steps (torch.compile compiles there), and the peak memory (CUDA)."""
+    import torch
+
+    from segdist.train import StepOptions
+
+    cuda = device.type == "cuda"
+    bf16 = mode.startswith("bf16")
+    channels_last = "channels_last" in mode
+    model = copy.deepcopy(cpu_model).to(device)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    net = torch.compile(model) if mode.endswith("compile") else model
+    step_trial = dataclasses.replace(trial, train=dataclasses.replace(trial.train, batch_size=batch, crop_size=size))
+    options = StepOptions(device=device, bf16=bf16, channels_last=channels_last)
+    if cuda:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    try:
+        run_steps(net, _fixed_batches(batch, size, classes, max(warmup, 1), device), step_trial, options, 0, batch)
+        if cuda:
+            torch.cuda.synchronize()
+        timed = _fixed_batches(batch, size, classes, steps, device)
+        start = time.perf_counter()
+        run_steps(net, timed, step_trial, options, 0, batch)  # ends with a host read of the loss
+        if cuda:
+            torch.cuda.synchronize()
+        elapsed = time.perf_counter() - start
+    finally:
+        net = model = None
+    return {
+        "img_per_s": steps * batch / elapsed,
+        "peak_memory_bytes": float(torch.cuda.max_memory_allocated()) if cuda else float("nan"),
+    }
+
+
 def _run_gpu(args) -> dict:
     import torch
 
     if not torch.cuda.is_available():
         return {"gpu": "no CUDA device"}
     from segdist.models import build_model
-    from segdist.train import StepOptions
 
     if len(args.batch_sizes) != len(args.sizes):
         raise SegdistError("--batch-sizes needs one batch size per --sizes entry")
@@ -985,38 +1049,21 @@ def _run_gpu(args) -> dict:
         result[f"gflops_per_image_fwd_bwd_{size}"] = round(flops / 1e9, 2)
         for mode in args.modes:
             key = f"{mode}_{size}"
-            bf16 = mode.startswith("bf16")
-            channels_last = "channels_last" in mode
-            model = copy.deepcopy(cpu_model).to(device)
-            if channels_last:
-                model = model.to(memory_format=torch.channels_last)
-            net = torch.compile(model) if mode.endswith("compile") else model
-            step_trial = dataclasses.replace(trial, train=dataclasses.replace(trial.train, batch_size=batch, crop_size=size))
-            options = StepOptions(device=device, bf16=bf16, channels_last=channels_last)
             try:
-                torch.cuda.empty_cache()
-                torch.cuda.reset_peak_memory_stats()
-                warm = _fixed_batches(batch, size, args.classes, max(args.warmup, 1), device)
-                run_steps(net, warm, step_trial, options, 0, batch)
-                torch.cuda.synchronize()
-                timed = _fixed_batches(batch, size, args.classes, args.steps, device)
-                start = time.perf_counter()
-                run_steps(net, timed, step_trial, options, 0, batch)  # ends with a host read of the loss
-                torch.cuda.synchronize()
-                img_per_s = args.steps * batch / (time.perf_counter() - start)
+                measured = measure_mode(cpu_model, trial, mode, size, batch, args.steps, args.warmup,
+                                        args.classes, device)
             except torch.cuda.OutOfMemoryError:
                 result[f"{key}_error"] = "out of memory"
                 continue
             except Exception as err:  # noqa: BLE001 - e.g. torch.compile failing: report, go on
                 result[f"{key}_error"] = f"{type(err).__name__}: {err}"[:300]
                 continue
-            finally:
-                net = model = None
+            img_per_s = measured["img_per_s"]
             result[f"img_per_s_{key}"] = round(img_per_s, 2)
-            result[f"peak_memory_gib_{key}"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+            result[f"peak_memory_gib_{key}"] = round(measured["peak_memory_bytes"] / 2**30, 2)
             result[f"achieved_tflops_{key}"] = round(flops * img_per_s / 1e12, 1)
             if peak:
-                dtype = "bf16" if bf16 else ("tf32" if tf32 else "fp32")
+                dtype = "bf16" if mode.startswith("bf16") else ("tf32" if tf32 else "fp32")
                 result[f"mfu_{key}"] = round(utilisation(flops, img_per_s, peak[1][dtype] * 1e12), 4)
             result[f"batch_size_{size}"] = batch
     return result

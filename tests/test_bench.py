@@ -113,6 +113,21 @@ def test_plain_distributed_runner_two_processes(tiny_shards):
     assert 0 <= result["data_wait_fraction"] < 1
 
 
+@pytest.mark.parametrize("mode", ["fp32", "bf16_channels_last"])
+def test_gpu_mode_measurement_runs_on_any_device(mode):
+    from segdist.models import build_model
+
+    trial = bench.quickstart_trial()
+    model = build_model(dataclasses.replace(trial.model, width=4), 3)
+    out = bench.measure_mode(model, trial, mode, 32, 2, steps=2, warmup=1, classes=3, device=torch.device("cpu"))
+    assert out["img_per_s"] > 0
+
+
+def test_matmul_roofline_takes_both_ways():
+    ways = bench.matmul_gflops("fp32", 64, 0.01)
+    assert set(ways) == {"mm", "conv1x1"} and min(ways.values()) > 0
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-CUDA answer")
 def test_gpu_section_without_cuda(capsys):
     assert main(["gpu", "--json", "--no-mlflow"]) == 0
@@ -126,7 +141,13 @@ def test_figures_are_logged_to_mlflow(tmp_path, capsys):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     argv = ["data", "--json", "--tracking-uri", uri, "--samples", "8", "--repeats", "1", "--min-size", "32",
             "--max-size", "40", "--crop", "24", "--work-dir", str(tmp_path)]
-    assert main(argv) == 0
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        assert main(argv) == 0
+        assert torch.get_num_threads() == 2  # the data section measures on one thread, then gives it back
+    finally:
+        torch.set_num_threads(threads)
     result = json.loads(capsys.readouterr().out)
     client = MlflowClient(tracking_uri=uri)
     experiment = client.get_experiment_by_name("segdist-bench")
