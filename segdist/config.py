@@ -452,7 +452,10 @@ def _parse_search_dim(key: str, spec: Any, where: str) -> SearchDim:
         if not 0 <= low < high or (kind == "loguniform" and low == 0):
             raise SegdistError(f"{where}: search.{key}.{kind} must be [low, high] with 0 < low < high")
         return SearchDim(key, kind, (low, high))
-    return SearchDim(key, kind, tuple(_coerce(v, hint, f"{where}: search.{key}") for v in values))
+    values = tuple(_coerce(v, hint, f"{where}: search.{key}") for v in values)
+    if len(set(map(repr, values))) != len(values):
+        raise SegdistError(f"{where}: search.{key}.{kind} repeats a value: {list(values)}")
+    return SearchDim(key, kind, values)
 
 
 def _draw(dim: SearchDim, rng: random.Random) -> Any:

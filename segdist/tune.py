@@ -163,7 +163,9 @@ def connect_ray(address: str | None) -> None:
     if address:
         ray.init(address=address, log_to_driver=True)
     else:
-        ray.init(include_dashboard=False, log_to_driver=True)
+        # The dashboard (on 127.0.0.1) serves the State API that Ray Train's placement-group
+        # cleaner needs: without it, a trial stopped early (ASHA) leaks its CPUs for good.
+        ray.init(include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=True)
 
 
 def check_resources_fit(study: StudyConfig) -> None:
@@ -310,8 +312,9 @@ def run_study(study: StudyConfig, args: argparse.Namespace, tracking_uri: str, s
             num_samples=-1,  # until the searcher says FINISHED
             max_concurrent_trials=study.resources.max_concurrent_trials,
             metric="val_miou", mode="max",
+            # max_t past the last epoch: a trial's own end must not be an ASHA stop.
             scheduler=ASHAScheduler(
-                time_attr="training_iteration", max_t=study.base.train.epochs,
+                time_attr="training_iteration", max_t=study.base.train.epochs + 1,
                 grace_period=screening.grace_period, reduction_factor=screening.reduction_factor,
             ) if screening else None,
         ),

@@ -69,6 +69,7 @@ def test_trial_round_trips_through_a_plain_dict():
         ({"seeds": {"min": 2, "most": 4}}, "unknown key 'most'"),
         ({"eval": {"boundary_kernels": [10]}}, "odd sizes"),
         ({"screening": {"hyperband": {}}}, "screening must be"),
+        ({"search": {"train.lr": {"grid": [0.1, 0.1]}}}, "repeats a value"),
         ({"seeds": [0, 0]}, "seeds repeat"),
         ({"search": {"train.nope": {"grid": [1]}}}, "not a config value"),
         ({"search": {"train.lr": {"sometimes": [1]}}}, "unknown kind"),

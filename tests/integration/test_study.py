@@ -102,3 +102,27 @@ def test_ray_job_submit_on_two_nodes_with_token_auth(tmp_path, tiny_shards, mlfl
     assert job.returncode == 0, job.stdout[-4000:] + job.stderr[-2000:]
     assert "2 trials" in job.stdout
     assert_study_recorded(MlflowClient(mlflow_server))
+
+
+def test_asha_screening_runs_and_stopped_trials_are_counted_not_averaged(tmp_path, tiny_shards):
+    space = write_study(
+        tmp_path / "asha.yaml", *tiny_shards, seeds=[0],
+        train={"epochs": 3, "batch_size": 2, "crop_size": 40, "scale_range": [0.8, 1.2], "lr": 0.01},
+        search={"train.lr": {"grid": [0.02, 1.0e-7]}},
+        screening={"asha": {"grace_period": 1, "reduction_factor": 2}},
+    )
+    result = run_cli(["segdist.tune", "--space", str(space)], cwd=tmp_path)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    _, children = child_runs(client, "tiny")
+    statuses = [r.data.tags["segdist.status"] for r in children]
+    assert len(children) == 2 and set(statuses) <= {"finished", "stopped_early"}
+    for run in children:
+        history = [m.step for m in client.get_metric_history(run.info.run_id, "val_miou")]
+        if run.data.tags["segdist.status"] == "stopped_early":
+            assert max(history) < 2 and "final_miou" not in run.data.metrics
+        else:
+            assert history == [0, 1, 2]
+    table = open(client.download_artifacts(children[0].data.tags["mlflow.parentRunId"], "report.md")).read()
+    stopped = statuses.count("stopped_early")
+    assert (f"{stopped} stopped_early" in table) if stopped else ("stopped_early" not in table)
