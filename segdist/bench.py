@@ -813,8 +813,11 @@ def _add_ray(sub) -> argparse.ArgumentParser:
         "OS 8, crop 96, batch 8 per worker, 1 thread and its loader workers per worker) on the "
         "generated synthetic shards, a fixed number of steps on 2 workers, under Ray Train "
         "(TorchTrainer, Train V2, gloo) and under plain torch.distributed (gloo, 2 spawned "
-        "processes, no Ray), in turns. ray_throughput_ratio = Ray / plain steady-state images/s "
-        "(after the warm-up steps); trial_startup_s = from trainer.fit() to the first step.",
+        "processes, no Ray, with the OMP_NUM_THREADS Ray gives its workers), in turns. "
+        "ray_throughput_ratio = Ray / plain steady-state images/s (after the warm-up steps; the "
+        "best run of each kind, since load from other processes only slows a run; the median of "
+        "the pairs and the CPU seconds per step are reported too); trial_startup_s = from "
+        "trainer.fit() to the first step on rank 0.",
     )
     _add_dist_args(p, steps=100, warmup=10, rounds=3)
     p.add_argument("--workers", type=int, default=2)
@@ -892,7 +895,7 @@ def _add_scale(sub) -> argparse.ArgumentParser:
         help="1 vs 2 plain torch.distributed workers: scaling efficiency",
         description="The quick start's loop (as in `ray`) on 1 and on 2 plain torch.distributed "
         "workers (gloo), the same batch per worker, in turns: scaling_efficiency = "
-        "images/s(2) / (2 x images/s(1)). On a machine with 2 cores the 2 workers and their "
+        "images/s(2) / (2 x images/s(1)) (best run of each kind). On a machine with 2 cores the 2 workers and their "
         "loader processes share those cores, so this measures the machine as much as the code.",
     )
     _add_dist_args(p, steps=60, warmup=10, rounds=3)
