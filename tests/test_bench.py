@@ -45,6 +45,7 @@ def test_timed_loader_steady_state_excludes_warmup():
     assert out["timed_steps"] == 3
     assert out["img_per_s"] == pytest.approx(3 * 4 / 3.0)
     assert out["step_s"] == pytest.approx(1.0) and out["median_step_s"] == pytest.approx(1.0)
+    assert out["min_step_s"] == pytest.approx(1.0)
     assert out["data_wait_fraction"] == pytest.approx(0.2 / 3.0)
     loader.cpu = [0.0, 5.0, 5.5, 6.0]
     assert loader.steady(end=13.0, warmup=1, images_per_step=4, end_cpu=6.5)["cpu_s_per_step"] == pytest.approx(0.5)
