@@ -849,8 +849,10 @@ def _start_ray(workers: int, threads: int) -> float:
     started = time.perf_counter()
     # Enough logical CPUs for the workers even on a machine with fewer cores (the plain
     # runner oversubscribes the same way); both runners get the same processes and threads.
-    ray.init(num_cpus=max(os.cpu_count() or 1, workers * threads), include_dashboard=False,
-             log_to_driver=False, configure_logging=False)
+    # The dashboard (127.0.0.1) serves the State API that Train's placement-group cleaner
+    # asks whether the controller is alive (as segdist.tune starts a local Ray).
+    ray.init(num_cpus=max(os.cpu_count() or 1, workers * threads), include_dashboard=True,
+             dashboard_host="127.0.0.1", log_to_driver=False, configure_logging=False)
     return time.perf_counter() - started
 
 
