@@ -1140,13 +1140,35 @@ def _section_args(name: str, work_dir: str | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def _loadavg() -> float | None:
+    try:
+        return round(os.getloadavg()[0], 2)
+    except (AttributeError, OSError):
+        return None
+
+
+def load_note(before: float | None, after: float | None) -> str | None:
+    """A warning when other processes kept the machine busy (1-minute load above its cores)."""
+    cores = os.cpu_count() or 1
+    busy = [x for x in (before, after) if x is not None and x > cores]
+    if not busy:
+        return None
+    return (f"the machine was busy (1-minute load average {max(busy)} on {cores} cores): "
+            "other processes took CPU time, so these figures understate this code")
+
+
 def _run_all(args) -> dict:
     result: dict[str, Any] = {}
     for name in args.sections:
         _add, run = SUBCOMMANDS[name]
-        started = time.perf_counter()
+        started, load_before = time.perf_counter(), _loadavg()
         result[name] = run(_section_args(name, args.work_dir))
+        load_after = _loadavg()
         result[name]["section_seconds"] = round(time.perf_counter() - started, 1)
+        result[name]["loadavg_before"], result[name]["loadavg_after"] = load_before, load_after
+        note = load_note(load_before, load_after)
+        if note:
+            result[name]["load_warning"] = note
     result["targets"] = targets(result)
     return result
 
@@ -1246,7 +1268,14 @@ def main(argv: list[str] | None = None) -> int:
         check_reachable(uri)  # one line and exit 2 before anything is measured
     _add, run = SUBCOMMANDS[args.command]
     machine = machine_info()
+    load_before = _loadavg()
     result = run(args)
+    load_after = _loadavg()
+    machine["loadavg_before"], machine["loadavg_after"] = load_before, load_after
+    note = load_note(load_before, load_after)
+    if note and args.command != "all":
+        result["load_warning"] = note
+        print(f"segdist: warning: {note}", file=sys.stderr)
     result["machine"] = machine
     if uri is not None:
         figures = {k: v for k, v in result.items() if k != "machine"}

@@ -184,3 +184,9 @@ def test_fast_resize_matches_the_pillow_reference():
         rgb_ref, lab_ref = T._resize_crop_pillow(image, label, p, (24, 24))
         assert np.array_equal(lab_fast, lab_ref)
         assert np.abs(rgb_fast.astype(int) - rgb_ref.astype(int)).max() <= 1
+
+
+def test_load_note_only_when_the_machine_was_busy(monkeypatch):
+    monkeypatch.setattr(bench.os, "cpu_count", lambda: 2)
+    assert bench.load_note(0.5, 1.9) is None and bench.load_note(None, None) is None
+    assert "busy" in bench.load_note(0.5, 6.0)
