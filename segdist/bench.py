@@ -1147,14 +1147,15 @@ def _loadavg() -> float | None:
         return None
 
 
-def load_note(before: float | None, after: float | None) -> str | None:
-    """A warning when other processes kept the machine busy (1-minute load above its cores)."""
+def load_note(before: float | None) -> str | None:
+    """A warning when other processes kept the machine busy just before a measurement
+    (1-minute load average above its cores). Only the load before is judged: the load after
+    includes the benchmark's own processes (ray and scale run 4 busy ones)."""
     cores = os.cpu_count() or 1
-    busy = [x for x in (before, after) if x is not None and x > cores]
-    if not busy:
+    if before is None or before <= cores:
         return None
-    return (f"the machine was busy (1-minute load average {max(busy)} on {cores} cores): "
-            "other processes took CPU time, so these figures understate this code")
+    return (f"the machine was busy before this ran (1-minute load average {before} on {cores} cores): "
+            "other processes may have taken CPU time, so these figures may understate this code")
 
 
 def _run_all(args) -> dict:
@@ -1166,7 +1167,7 @@ def _run_all(args) -> dict:
         load_after = _loadavg()
         result[name]["section_seconds"] = round(time.perf_counter() - started, 1)
         result[name]["loadavg_before"], result[name]["loadavg_after"] = load_before, load_after
-        note = load_note(load_before, load_after)
+        note = load_note(load_before)
         if note:
             result[name]["load_warning"] = note
     result["targets"] = targets(result)
@@ -1272,7 +1273,7 @@ def main(argv: list[str] | None = None) -> int:
     result = run(args)
     load_after = _loadavg()
     machine["loadavg_before"], machine["loadavg_after"] = load_before, load_after
-    note = load_note(load_before, load_after)
+    note = load_note(load_before)
     if note and args.command != "all":
         result["load_warning"] = note
         print(f"segdist: warning: {note}", file=sys.stderr)

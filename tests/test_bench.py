@@ -188,5 +188,5 @@ def test_fast_resize_matches_the_pillow_reference():
 
 def test_load_note_only_when_the_machine_was_busy(monkeypatch):
     monkeypatch.setattr(bench.os, "cpu_count", lambda: 2)
-    assert bench.load_note(0.5, 1.9) is None and bench.load_note(None, None) is None
-    assert "busy" in bench.load_note(0.5, 6.0)
+    assert bench.load_note(1.9) is None and bench.load_note(None) is None
+    assert "busy" in bench.load_note(6.0)
