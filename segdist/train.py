@@ -25,6 +25,7 @@ from torch.nn.parallel import DistributedDataParallel
 from segdist.config import EvalConfig, TrialConfig, trial_from_dict
 from segdist.data.classes import IGNORE_INDEX
 from segdist.data.stream import read_dataset_info, train_loader, val_loader
+from segdist.data.transforms import RESIZE_BACKEND
 from segdist.evaluate import all_reduce_result, evaluate_distributed, flat_metrics, summarize
 from segdist.models import build_model, describe_model, param_groups
 from segdist.visualize import confusion_matrix_png, overlays_png
@@ -208,6 +209,7 @@ def fit(
     model_info = describe_model(model, num_classes, input_size=trial.train.crop_size) if rank == 0 else {}
     # FPN/GCN decoders always run at output stride 32, whatever the config says.
     model_info["output_stride"] = model.output_stride
+    model_info["resize_backend"] = RESIZE_BACKEND  # OpenCV or Pillow pixels: part of what a seed means
     options = StepOptions(
         device=device,
         needs_edges=model.needs_edges,
@@ -218,7 +220,9 @@ def fit(
     if options.channels_last:
         model = model.to(memory_format=torch.channels_last)
     ddp_model = (
-        DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+        # Gradients live in the all-reduce buckets: no copy per step.
+        DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None,
+                                gradient_as_bucket_view=True)
         if world_size > 1
         else model
     )

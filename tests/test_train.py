@@ -42,7 +42,8 @@ def test_fit_reports_every_epoch_with_metrics_and_a_checkpoint(tiny_shards):
     assert [m["epoch"] for m, _ in reports] == [0, 1]
     first, state = reports[0]
     for key in ("train_loss", "val_miou", "val_pixel_acc", "val_mean_acc", "val_iou_background",
-                "skipped_train_samples", "model_params", "model_size_mb", "model_output_stride"):
+                "skipped_train_samples", "model_params", "model_size_mb", "model_output_stride",
+                "model_resize_backend"):
         assert key in first, key
     assert 0.0 <= first["val_miou"] <= 1.0
     assert state["epoch"] == 0 and set(state) >= {"model", "optimizer", "scheduler", "classes", "trial"}
