@@ -719,6 +719,8 @@ def _plain_worker(rank: int, world_size: int, spec: dict, rendezvous: str, queue
         dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=world_size)
     try:
         result = dist_loop(spec, rank, world_size)
+        if world_size > 1:
+            dist.barrier()  # neither rank tears down while the other still talks to it (gloo aborts)
     finally:
         if world_size > 1:
             dist.destroy_process_group()

@@ -195,6 +195,7 @@ def _ddp_worker(rank, world, port, shards, ckpt, queue):
         result = all_reduce_result(result)
         if rank == 0:
             queue.put((local, result.num_images, result.flat().tolist()))
+        dist.barrier()  # neither rank tears down while the other still talks to it (gloo aborts)
     finally:
         dist.destroy_process_group()
 

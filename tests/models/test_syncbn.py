@@ -22,6 +22,7 @@ def _worker(rank, world, port, x, out_dir):
         (y * torch.arange(y.numel()).view_as(y).float().sin()).sum().backward()
         torch.save({"y": y.detach(), "gx": part.grad, "gw": bn.weight.grad, "rm": bn.running_mean,
                     "rv": bn.running_var}, f"{out_dir}/{rank}.pt")
+        dist.barrier()  # neither rank tears down while the other still talks to it (gloo aborts)
     finally:
         dist.destroy_process_group()
 
