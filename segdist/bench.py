@@ -253,12 +253,13 @@ def run_steps(model, loader, trial, options, warmup: int, images_per_step: int, 
 
 
 def _fixed_batches(batch: int, size: int, classes: int, steps: int, device=None):
-    """The same random batch `steps` times (a loader with no data cost)."""
+    """The same random batch `steps` times (a loader with no data cost), in train_loader's
+    format (uint8 [B, h, w, 4] images, uint8 targets)."""
     import torch
 
     g = torch.Generator().manual_seed(0)
-    images = torch.randn(batch, 3, size, size, generator=g)
-    targets = torch.randint(0, classes, (batch, size, size), generator=g)
+    images = torch.randint(0, 256, (batch, size, size, 4), generator=g, dtype=torch.uint8)
+    targets = torch.randint(0, classes, (batch, size, size), generator=g, dtype=torch.uint8)
     if device is not None:
         images, targets = images.to(device), targets.to(device)
     return [(images, targets)] * steps

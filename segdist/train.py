@@ -24,6 +24,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from segdist.config import EvalConfig, TrialConfig, trial_from_dict
 from segdist.data.classes import IGNORE_INDEX
+from segdist.data.batch import model_inputs, model_targets
 from segdist.data.stream import read_dataset_info, train_loader, val_loader
 from segdist.data.transforms import RESIZE_BACKEND
 from segdist.evaluate import all_reduce_result, evaluate_distributed, flat_metrics, summarize
@@ -85,13 +86,6 @@ def crop_and_scale(trial: TrialConfig, full_image: bool):
     return trial.train.crop_size, trial.train.scale_range, trial.train.aspect_jitter
 
 
-def split_batch(images: torch.Tensor, needs_edges: bool):
-    """With edge variants the loader appends the Canny map as a 4th channel."""
-    if needs_edges:
-        return images[:, :3], images[:, 3:4]
-    return images, None
-
-
 def segmentation_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Cross-entropy on hard labels (255 ignored) or, for edgemix, on soft targets
     (void pixels carry an all-zero target and are left out of the mean)."""
@@ -125,13 +119,12 @@ def train_one_epoch(model, loader, optimizer, scheduler, options: StepOptions, e
     every rank alike) and counts it."""
     model.train()
     device = options.device
-    memory_format = torch.channels_last if options.channels_last else torch.contiguous_format
     running = torch.zeros((), device=device)
     steps = skipped = 0
-    for images, targets in loader:
-        images = images.to(device, non_blocking=True).contiguous(memory_format=memory_format)
-        targets = targets.to(device, non_blocking=True)
-        images, edges = split_batch(images, options.needs_edges)
+    for batch_images, batch_targets in loader:
+        images, edges = model_inputs(batch_images, device, channels_last=options.channels_last,
+                                     edges=options.needs_edges)
+        targets = model_targets(batch_targets, device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=options.bf16):
             logits = model(images, edges) if edges is not None else model(images)
         loss = segmentation_loss(logits, targets)

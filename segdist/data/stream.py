@@ -405,15 +405,16 @@ class _TrainStream(IterableDataset):
 def make_batches(decoded, transform: TrainTransform, batch_size: int, rng: np.random.Generator):
     """(key, PIL image, uint8 label) triples -> (images, targets) tensors of batch_size.
 
-    Each sample is augmented straight into its slot of the batch arrays (no stacking copy);
-    targets come out int64 (hard/trimap) or float32 (edgemix). A last partial batch is dropped.
+    images: uint8 [B, h, w, 4] and targets uint8 [B, h, w] (float32 [B, C, h, w] for
+    edgemix), the format segdist.data.batch converts on the device. Each sample is augmented
+    straight into its slot of the batch arrays (no stacking copy). A last partial batch is
+    dropped.
     """
-    target_dtype = np.float32 if transform.label_mode == "edgemix" else np.int64
 
     def new_batch():
         return (
-            np.empty((batch_size, transform.channels, *transform.crop), dtype=np.float32),
-            np.empty((batch_size, *transform.target_shape()), dtype=target_dtype),
+            np.empty((batch_size, *transform.image_shape()), dtype=np.uint8),
+            np.empty((batch_size, *transform.target_shape()), dtype=transform.target_dtype()),
         )
 
     images, targets = new_batch()

@@ -65,8 +65,8 @@ def test_train_batches_shapes_and_values(synth_shards):
     batches = _batches(loader)
     assert len(batches) == len(loader) == 4
     for images, labels in batches:
-        assert images.shape == (2, 3, 20, 28) and images.dtype == torch.float32
-        assert labels.shape == (2, 20, 28) and labels.dtype == torch.int64
+        assert images.shape == (2, 20, 28, 4) and images.dtype == torch.uint8
+        assert labels.shape == (2, 20, 28) and labels.dtype == torch.uint8
         assert set(labels.unique().tolist()) <= set(range(6)) | {255}
     assert loader.num_skipped == 0
 
@@ -240,15 +240,15 @@ def test_label_modes_and_edge_channel(synth_shards):
     hard = _batches(_train(info))
     trimap = _batches(_train(info, label_mode="trimap"))
     for (_, h), (_, t) in zip(hard, trimap, strict=True):
-        assert t.dtype == torch.int64
+        assert t.dtype == torch.uint8
         assert torch.all((t == h) | (t == 255)) and (t == 255).sum() > (h == 255).sum()
     images, soft = _batches(_train(info, label_mode="edgemix"))[0]
     assert soft.shape == (2, 6, 24, 24) and soft.dtype == torch.float32
     sums = soft.sum(1)
     assert torch.all(((sums - 1).abs() < 1e-5) | (sums == 0))
     images, labels = _batches(_train(info, edges=True))[0]
-    assert images.shape == (2, 4, 24, 24) and images[:, 3].min() >= 0 and images[:, 3].max() <= 1
-    assert torch.equal(images[:, :3], hard[0][0])  # same randomness: same RGB crops
+    assert images.shape == (2, 24, 24, 4) and images[..., 3].max() > 0  # the edge map, x255
+    assert torch.equal(images[..., :3], hard[0][0][..., :3])  # same randomness: same RGB crops
     val = read_dataset_info(synth_shards["val"])
     image, label = next(iter(val_loader(val, rank=0, world_size=1, loader_workers=0, edges=True)))
     assert image.shape[1] == 4
