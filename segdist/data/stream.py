@@ -43,7 +43,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from segdist.data.classes import IGNORE_INDEX
 from segdist.data.sample import check_label, decode_image, decode_label_png, invalid_label_lut
-from segdist.data.tarstream import TarFormatError, iter_tar
+from segdist.data.tarstream import TarFormatError, iter_samples, iter_tar
 from segdist.data.transforms import LABEL_MODES, EvalTransform, TrainTransform, as_size
 from segdist.errors import SegdistError
 
@@ -183,27 +183,29 @@ def iter_shard(url: str, expected: int = -1) -> Iterator[dict]:
     Raises ShardReadError naming the shard and the last good key if the tar is truncated or
     corrupt, or holds fewer samples than `expected` (when >= 0).
     """
-    state = {"last": None, "count": 0}
+    last, count = None, 0
 
-    def files():
-        with open_url(url) as stream:
-            try:
-                for name, data in iter_tar(stream):
-                    state["last"] = name
-                    yield {"fname": name, "data": data, "__url__": url}
-            except (TarFormatError, OSError, ValueError) as err:
-                after = f"after {state['last']!r}" if state["last"] else "at its start"
-                raise ShardReadError(
-                    f"{url}: truncated or corrupt tar {after} ({err.args[0] if err.args else err})"
-                ) from None
+    def members():
+        nonlocal last
+        for name, data in iter_tar(stream):
+            last = name
+            yield name, data
 
-    for sample in wds.tariterators.group_by_keys(files()):
-        state["count"] += 1
-        yield sample
-    if 0 <= expected != state["count"]:
+    with open_url(url) as stream:
+        try:
+            for sample in iter_samples(members()):
+                count += 1
+                sample["__url__"] = url
+                yield sample
+        except (TarFormatError, OSError, ValueError) as err:
+            after = f"after {last!r}" if last else "at its start"
+            raise ShardReadError(
+                f"{url}: truncated or corrupt tar {after} ({err.args[0] if err.args else err})"
+            ) from None
+    if 0 <= expected != count:
         raise ShardReadError(
-            f"{url}: holds {state['count']} samples but dataset.json says {expected} "
-            f"(truncated or replaced shard; last member {state['last']!r})"
+            f"{url}: holds {count} samples but dataset.json says {expected} "
+            f"(truncated or replaced shard; last member {last!r})"
         )
 
 
