@@ -461,6 +461,8 @@ def _identity(x):
 
 
 def _worker_init(_worker_id: int) -> None:
+    # one loader worker = one core's work: no intra-op threads that would oversubscribe the
+    # cores of the training processes and the other workers (OpenCV's: see transforms.py)
     torch.set_num_threads(1)
 
 
