@@ -46,6 +46,9 @@ class ModelConfig:
     pretrained: str | None = None  # torchvision-format ImageNet state dict
 
 
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     epochs: int = 10
@@ -60,8 +63,8 @@ class TrainConfig:
     poly_power: float = 0.9
     epoch_scale: float = 1.0  # one epoch = this many passes over the training list
     aspect_jitter: float = 0.0  # random aspect-ratio change in random resize (original: 0.15)
-    precision: str = "fp32"  # fp32 | bf16 (autocast)
-    channels_last: bool = False
+    precision: str = "auto"  # auto (bf16 + channels_last on CUDA, fp32 on CPU) | fp32 | bf16 (autocast)
+    channels_last: bool = False  # also implied by precision auto on CUDA
     on_bad_sample: str = "raise"  # raise | skip (skips are counted and logged)
     on_nan: str = "stop"  # stop: the trial ends as diverged; skip: drop the step, count it
     max_failures: int = 0  # worker-group restarts from the last checkpoint
@@ -273,7 +276,7 @@ def validate_trial(trial: TrialConfig, where: str) -> None:
         (train.lr > 0 and math.isfinite(train.lr), f"train.lr must be a positive number, got {train.lr}"),
         (train.optimizer in ("sgd", "adam"), f"train.optimizer must be sgd or adam, got {train.optimizer!r}"),
         (train.epoch_scale > 0, f"train.epoch_scale must be positive, got {train.epoch_scale}"),
-        (train.precision in ("fp32", "bf16"), f"train.precision must be fp32 or bf16, got {train.precision!r}"),
+        (train.precision in PRECISIONS, f"train.precision must be auto, fp32 or bf16, got {train.precision!r}"),
         (train.on_bad_sample in ("raise", "skip"), f"train.on_bad_sample must be raise or skip, got {train.on_bad_sample!r}"),
         (train.on_nan in ("stop", "skip"), f"train.on_nan must be stop or skip, got {train.on_nan!r}"),
         (train.max_failures >= 0, f"train.max_failures must be >= 0, got {train.max_failures}"),

@@ -22,9 +22,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
-from segdist.config import EvalConfig, TrialConfig, trial_from_dict
-from segdist.data.classes import IGNORE_INDEX
+from segdist.config import EvalConfig, TrainConfig, TrialConfig, trial_from_dict
 from segdist.data.batch import model_inputs, model_targets
+from segdist.data.classes import IGNORE_INDEX
 from segdist.data.stream import read_dataset_info, train_loader, val_loader
 from segdist.data.transforms import RESIZE_BACKEND
 from segdist.evaluate import all_reduce_result, evaluate_distributed, flat_metrics, summarize
@@ -97,6 +97,17 @@ def segmentation_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tens
     return per_pixel[valid].sum() / valid.sum().clamp(min=1)
 
 
+def resolve_precision(train: TrainConfig, device: torch.device) -> tuple[bool, bool]:
+    """(bf16 autocast, channels_last) for this device. `precision: auto` is bf16 autocast +
+    channels_last on CUDA (tensor cores; BN and the loss stay fp32) and fp32 elsewhere: on
+    CPU bf16 is only fast where the cores have bf16 instructions (see bench train), so it is
+    asked for explicitly."""
+    if train.precision == "auto":
+        cuda = device.type == "cuda"
+        return cuda, cuda or train.channels_last
+    return train.precision == "bf16", train.channels_last
+
+
 @dataclass
 class StepOptions:
     device: torch.device
@@ -157,10 +168,16 @@ def run_evaluation(model, loader, classes, options: StepOptions, eval_config=Non
     if eval_config is not None:
         kwargs = dict(scales=eval_config.scales, flip=eval_config.flip,
                       boundary_kernels=eval_config.boundary_kernels, tile_size=crop_size)
-    result = evaluate_distributed(
-        model, loader, len(classes), options.device, examples=examples,
-        amp_dtype=torch.bfloat16 if options.bf16 else None, channels_last=options.channels_last, **kwargs,
-    )
+    # Whole validation images come in many sizes: cuDNN's autotuning (on for the fixed-size
+    # training crops) would search again for every new size.
+    benchmark, torch.backends.cudnn.benchmark = torch.backends.cudnn.benchmark, False
+    try:
+        result = evaluate_distributed(
+            model, loader, len(classes), options.device, examples=examples,
+            amp_dtype=torch.bfloat16 if options.bf16 else None, channels_last=options.channels_last, **kwargs,
+        )
+    finally:
+        torch.backends.cudnn.benchmark = benchmark
     examples_of_this_rank = result.examples
     result = all_reduce_result(result)
     return summarize(result, classes), result.confusion.cpu(), examples_of_this_rank
@@ -203,15 +220,20 @@ def fit(
     # FPN/GCN decoders always run at output stride 32, whatever the config says.
     model_info["output_stride"] = model.output_stride
     model_info["resize_backend"] = RESIZE_BACKEND  # OpenCV or Pillow pixels: part of what a seed means
+    bf16, channels_last = resolve_precision(trial.train, device)
+    model_info["precision"] = "bf16" if bf16 else "fp32"  # what `auto` became on this device
+    model_info["channels_last"] = channels_last
     options = StepOptions(
         device=device,
         needs_edges=model.needs_edges,
-        bf16=trial.train.precision == "bf16",
-        channels_last=trial.train.channels_last,
+        bf16=bf16,
+        channels_last=channels_last,
         skip_nan_steps=trial.train.on_nan == "skip",
     )
     if options.channels_last:
         model = model.to(memory_format=torch.channels_last)
+    if device.type == "cuda":  # training crops have one size: cuDNN picks its fastest kernels once
+        torch.backends.cudnn.benchmark = True
     ddp_model = (
         # Gradients live in the all-reduce buckets: no copy per step.
         DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None,

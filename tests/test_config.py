@@ -61,6 +61,7 @@ def test_trial_round_trips_through_a_plain_dict():
         ({"train": {"lr": "fast"}}, "expected a number"),
         ({"train": {"epochs": 1.5}}, "expected an integer"),
         ({"train": {"scale_range": [1.5, 0.5]}}, "scale_range"),
+        ({"train": {"precision": "fp16"}}, "train.precision must be auto, fp32 or bf16"),
         ({"model": {"variant": "naked.bogus"}}, "unknown token 'bogus'"),
         ({"seeds": []}, "seeds must be a non-empty list"),
         ({"seeds": 3}, "seeds must be a non-empty list"),

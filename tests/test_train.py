@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from segdist.config import expand_trials, parse_study
-from segdist.train import TrainingDiverged, fit, segmentation_loss
+from segdist.train import TrainingDiverged, fit, resolve_precision, segmentation_loss
 
 
 def tiny_trial(train_shards, val_shards, **train):
@@ -43,8 +43,9 @@ def test_fit_reports_every_epoch_with_metrics_and_a_checkpoint(tiny_shards):
     first, state = reports[0]
     for key in ("train_loss", "val_miou", "val_pixel_acc", "val_mean_acc", "val_iou_background",
                 "skipped_train_samples", "model_params", "model_size_mb", "model_output_stride",
-                "model_resize_backend"):
+                "model_resize_backend", "model_precision", "model_channels_last"):
         assert key in first, key
+    assert first["model_precision"] == "fp32" and first["model_channels_last"] is False  # auto on CPU
     assert 0.0 <= first["val_miou"] <= 1.0
     assert state["epoch"] == 0 and set(state) >= {"model", "optimizer", "scheduler", "classes", "trial"}
     assert "model_params" not in reports[1][0]  # model facts once per run
@@ -126,3 +127,20 @@ def test_a_resumed_trial_reports_the_history_its_checkpoint_holds(tiny_shards):
     assert [h["epoch"] for h in history] == [0, 1]
     assert history[1]["val_miou"] == straight[1][0]["val_miou"]
     assert "resumed_history_json" not in straight[0][0]
+
+
+@pytest.mark.parametrize(
+    ("precision", "channels_last", "device", "expected"),
+    [
+        ("auto", False, "cpu", (False, False)),
+        ("auto", False, "cuda", (True, True)),  # the GPU default: bf16 autocast + channels_last
+        ("auto", True, "cpu", (False, True)),
+        ("fp32", False, "cuda", (False, False)),
+        ("bf16", False, "cpu", (True, False)),
+    ],
+)
+def test_precision_auto_is_bf16_and_channels_last_on_cuda_only(precision, channels_last, device, expected):
+    from segdist.config import TrainConfig
+
+    train = TrainConfig(precision=precision, channels_last=channels_last)
+    assert resolve_precision(train, torch.device(device)) == expected

@@ -1,8 +1,7 @@
 import numpy as np
 import pytest
-from PIL import Image
-
 import torch
+from PIL import Image
 
 from segdist.data.batch import model_inputs
 from segdist.data.classes import IMAGENET_MEAN, IMAGENET_STD
