@@ -12,12 +12,19 @@ not depend on where they are computed. NHWC memory is channels_last for free.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from segdist.data.transforms import _INV_STD255, _MEAN255
 
-_MEAN = torch.from_numpy(_MEAN255).view(1, 3, 1, 1)
-_INV_STD = torch.from_numpy(_INV_STD255).view(1, 3, 1, 1)
+
+@functools.cache
+def _statistics(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    # Copied to each device once: a copy from pageable memory every step would make the host
+    # wait for the device every step.
+    mean = torch.from_numpy(_MEAN255).view(1, 3, 1, 1).to(device)
+    return mean, torch.from_numpy(_INV_STD255).view(1, 3, 1, 1).to(device)
 
 
 def model_inputs(
@@ -29,7 +36,7 @@ def model_inputs(
         raise ValueError(f"expected a uint8 [B, h, w, 4] training batch, got {images.dtype} {tuple(images.shape)}")
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     nchw = images.to(device, non_blocking=True).permute(0, 3, 1, 2)  # a view: NHWC memory
-    mean, inv_std = _MEAN.to(device), _INV_STD.to(device)
+    mean, inv_std = _statistics(torch.device(device))
     rgb = ((nchw[:, :3].float() - mean) * inv_std).contiguous(memory_format=memory_format)
     if not edges:
         return rgb, None
