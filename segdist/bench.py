@@ -137,7 +137,7 @@ def machine_info() -> dict[str, Any]:
     from segdist.data.transforms import RESIZE_BACKEND, cv2
 
     info["resize_backend"] = RESIZE_BACKEND
-    info["opencv"] = cv2.__version__ if cv2 is not None else None
+    info["opencv"] = cv2.__version__
     try:
         commit = subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).resolve().parent,
@@ -365,21 +365,14 @@ def _cpu_timed_rounds(fns: dict[str, Callable[[], int]], repeats: int) -> dict[s
 def _run_data(args) -> dict:
     import torch
 
-    from segdist.data.transforms import cv2
-
     if args.samples < args.batch_size or args.repeats < 1:
         raise SegdistError("--samples must be at least --batch-size and --repeats at least 1")
     threads = torch.get_num_threads()
-    cv2_threads = cv2.getNumThreads() if cv2 is not None else None
-    torch.set_num_threads(1)
-    if cv2 is not None:
-        cv2.setNumThreads(1)  # this process only; loader workers are not started here
+    torch.set_num_threads(1)  # OpenCV is single-threaded already (segdist.data.transforms)
     try:
         return _measure_data(args)
     finally:
         torch.set_num_threads(threads)
-        if cv2 is not None:
-            cv2.setNumThreads(cv2_threads)
 
 
 def _measure_data(args) -> dict:
@@ -607,7 +600,6 @@ def _quickstart_step(args) -> dict:
     import torch
 
     from segdist.data.stream import read_dataset_info, train_loader
-    from segdist.data.transforms import cv2
     from segdist.models import build_model
     from segdist.train import StepOptions
 
@@ -646,22 +638,15 @@ def _quickstart_step(args) -> dict:
         )
         real = run_steps(model, loader, trial, options, args.quickstart_warmup, t.batch_size)
         # what one core of the pipeline delivers for this config (in-process, one thread)
-        previous_cv2 = cv2.getNumThreads() if cv2 is not None else None
-        if cv2 is not None:
-            cv2.setNumThreads(1)
-        try:
-            def pipeline() -> int:
-                loader = train_loader(
-                    info, batch_size=t.batch_size, batches_per_epoch=max(1, info.num_samples // t.batch_size),
-                    crop_size=t.crop_size, scale_range=t.scale_range, seed=0, epoch=0, rank=0, world_size=1,
-                    loader_workers=0,
-                )
-                return sum(images.shape[0] for images, _ in loader)
+        def pipeline() -> int:
+            loader = train_loader(
+                info, batch_size=t.batch_size, batches_per_epoch=max(1, info.num_samples // t.batch_size),
+                crop_size=t.crop_size, scale_range=t.scale_range, seed=0, epoch=0, rank=0, world_size=1,
+                loader_workers=0,
+            )
+            return sum(images.shape[0] for images, _ in loader)
 
-            loader_rate = _median(_cpu_timed_rounds({"p": pipeline}, 3)["p"])
-        finally:
-            if cv2 is not None:
-                cv2.setNumThreads(previous_cv2)
+        loader_rate = _median(_cpu_timed_rounds({"p": pipeline}, 3)["p"])
     torch.set_num_threads(threads)
     # images/s from the median step (other load on the machine only slows some steps)
     rate, rate_bf16 = t.batch_size / fixed["median_step_s"], t.batch_size / fixed_bf16["median_step_s"]

@@ -326,8 +326,8 @@ class TrainTransform:
     """Decoded (PIL RGB image, uint8 label) + rng -> (uint8 [h, w, 4] image, target).
 
     The image comes out as the training batch carries it (see segdist.data.batch): R, G, B
-    and a fourth byte that holds the Canny edge map x255 with `edges=True` (0 otherwise);
-    padding is the mean colour. Normalisation happens on the device.
+    and a fourth byte that holds the Canny edge map x255 with `edges=True` (unused, and not
+    read, otherwise); padding is the mean colour. Normalisation happens on the device.
     target: uint8 [h, w] for "hard"/"trimap" (255 = ignore), float32 [C, h, w] for "edgemix".
     """
 
