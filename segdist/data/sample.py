@@ -12,6 +12,7 @@ import io
 from dataclasses import dataclass
 
 import numpy as np
+import pyarrow as pa
 from PIL import Image
 
 from segdist.data.classes import IGNORE_INDEX, voc_palette
@@ -88,6 +89,30 @@ def encode_label_png(label: np.ndarray) -> bytes:
     buf = io.BytesIO()
     im.save(buf, format="PNG", compress_level=6)
     return buf.getvalue()
+
+
+# Labels in shards: the raw uint8 [H, W] array as one zstd frame (a standard .zst: `zstd -d`
+# gives the H*W bytes; H and W are the image's). It decodes in ~40 us at VOC sizes where a
+# palette PNG takes ~240 us (zlib inflate), a quarter of a training sample's decode time, and is
+# ~30% smaller. Level 9: the size levels off there, and encoding stays under a millisecond.
+LABEL_ZSTD = pa.Codec("zstd", compression_level=9)
+
+
+def encode_label_zst(label: np.ndarray) -> bytes:
+    """uint8 [H, W] indices -> zstd frame of the raw bytes (row-major)."""
+    return LABEL_ZSTD.compress(np.ascontiguousarray(label, dtype=np.uint8).tobytes(), asbytes=True)
+
+
+def decode_label_zst(data: bytes, height: int, width: int, where: str) -> np.ndarray:
+    """zstd frame -> uint8 [height, width]; SegdistError naming `where` if it is corrupt or does
+    not hold exactly height*width pixels (the size of its image)."""
+    try:
+        raw = LABEL_ZSTD.decompress(data, decompressed_size=height * width)
+    except (OSError, ValueError) as err:
+        raise SegdistError(
+            f"{where}: label (.label.zst) is corrupt or not {width}x{height} like its image ({err})"
+        ) from None
+    return np.frombuffer(raw, dtype=np.uint8).reshape(height, width)
 
 
 def image_size(data: bytes, where: str) -> tuple[int, int]:

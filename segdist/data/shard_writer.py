@@ -3,7 +3,8 @@
 Layout of OUT_DIR (e.g. shards/voc/train):
 
     train-000000.tar ...   webdataset shards; per sample KEY.jpg (or KEY.image.png for PNG
-                           sources) = image bytes, KEY.png = label palette PNG, KEY.json =
+                           sources) = image bytes, KEY.label.zst = label (raw uint8 HxW class
+                           indices, one zstd frame), KEY.json =
                            {key, width, height, dataset, image, orig_width, orig_height}
     manifest.parquet       one row per sample: key, shard, width, height, orig_width,
                            orig_height, downscale, class_pixels (list, one count per class),
@@ -48,12 +49,13 @@ from segdist.data.sample import (
     check_key,
     check_label,
     decode_image,
-    encode_label_png,
+    encode_label_zst,
     invalid_label_lut,
 )
 from segdist.errors import SegdistError
 
-FORMAT_VERSION = 1
+# 2: labels as KEY.label.zst (1: KEY.png palette PNGs; still read). A re-run rebuilds older shards.
+FORMAT_VERSION = 2
 MANIFEST = "manifest.parquet"
 DATASET_JSON = "dataset.json"
 PARTS = "_parts"
@@ -112,7 +114,7 @@ class _ShardAccumulator:
         self.npix = 0
 
     def add(self, sample: Sample, orig_size: tuple[int, int], downscale: float) -> tuple[dict, bytes]:
-        """Validate and measure one sample; returns the tar entry and the label PNG."""
+        """Validate and measure one sample; returns the tar entry and the encoded label."""
         where = f"{sample.source or sample.key} (sample {sample.key!r})"
         check_key(sample.key, where)
         check_label(sample.label, self.num_classes, where, self.lut)
@@ -141,7 +143,7 @@ class _ShardAccumulator:
                 "ignore_pixels": int(counts[IGNORE_INDEX]),
             }
         )
-        return self.rows[-1], encode_label_png(sample.label)
+        return self.rows[-1], encode_label_zst(sample.label)
 
 
 def _write_shard(
@@ -175,7 +177,7 @@ def _write_shard(
                         orig = (sample.width, sample.height)
                         if downscale != 1.0:
                             sample = downscale_sample(sample, downscale)
-                        row, label_png = acc.add(sample, orig, downscale)
+                        row, label = acc.add(sample, orig, downscale)
                     except SegdistError as err:
                         if on_bad == "skip":
                             skipped.append({"key": sample.key, "reason": str(err)})
@@ -194,7 +196,7 @@ def _write_shard(
                         {
                             "__key__": sample.key,
                             _image_ext(sample): sample.image_bytes,
-                            "png": label_png,
+                            "label.zst": label,
                             "json": json.dumps(meta, sort_keys=True).encode(),
                         }
                     )

@@ -42,7 +42,13 @@ import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from segdist.data.classes import IGNORE_INDEX
-from segdist.data.sample import check_label, decode_image, decode_label_png, invalid_label_lut
+from segdist.data.sample import (
+    check_label,
+    decode_image,
+    decode_label_png,
+    decode_label_zst,
+    invalid_label_lut,
+)
 from segdist.data.tarstream import TarFormatError, iter_samples, iter_tar
 from segdist.data.transforms import LABEL_MODES, EvalTransform, TrainTransform, as_size
 from segdist.errors import SegdistError
@@ -178,7 +184,7 @@ class ShardReadError(SegdistError):
 
 
 def iter_shard(url: str, expected: int = -1) -> Iterator[dict]:
-    """Raw samples {__key__, __url__, jpg|image.png, png, json} of one shard, in order.
+    """Raw samples {__key__, __url__, jpg|image.png, label.zst|png, json} of one shard, in order.
 
     Raises ShardReadError naming the shard and the last good key if the tar is truncated or
     corrupt, or holds fewer samples than `expected` (when >= 0).
@@ -217,11 +223,15 @@ def decode_sample(sample: dict, num_classes: int, lut: np.ndarray | None = None)
     image_bytes = sample.get("jpg", sample.get("image.png"))
     if image_bytes is None:
         raise SegdistError(f"{where}: sample has no image (.jpg or .image.png)")
-    label_bytes = sample.get("png")
-    if label_bytes is None:
-        raise SegdistError(f"{where}: sample has no label (.png)")
+    label_zst = sample.get("label.zst")
+    label_png = sample.get("png")  # format 1 shards, and shards written by other tools
+    if label_zst is None and label_png is None:
+        raise SegdistError(f"{where}: sample has no label (.label.zst or .png)")
     image = decode_image(image_bytes, where)
-    label = decode_label_png(label_bytes, where)
+    if label_zst is not None:
+        label = decode_label_zst(label_zst, image.size[1], image.size[0], where)
+    else:
+        label = decode_label_png(label_png, where)
     if (image.size[1], image.size[0]) != label.shape:
         raise SegdistError(
             f"{where}: image is {image.size[0]}x{image.size[1]} but label is {label.shape[1]}x{label.shape[0]}"

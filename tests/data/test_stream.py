@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from segdist.data.classes import SYNTHETIC_CLASSES
+from segdist.data.sample import decode_label_zst, encode_label_png, encode_label_zst
 from segdist.data.stream import read_dataset_info, train_loader, val_loader, val_samples_per_rank
 from segdist.errors import SegdistError
 
@@ -133,7 +134,8 @@ def val_copy(synth_shards, tmp_path):
 
 
 def _rewrite_shard(path, edit):
-    """Rewrite a shard, passing (name, data) of every member through edit (None drops it)."""
+    """Rewrite a shard, passing (name, data) of every member through edit, which returns the
+    new data, (new name, new data), or None to drop the member."""
     with tarfile.open(path) as tar:
         members = [(m.name, tar.extractfile(m).read()) for m in tar.getmembers()]
     with tarfile.open(path, "w") as tar:
@@ -141,15 +143,43 @@ def _rewrite_shard(path, edit):
             out = edit(name, data)
             if out is None:
                 continue
+            if isinstance(out, tuple):
+                name, out = out
             info = tarfile.TarInfo(name)
             info.size = len(out)
             tar.addfile(info, io.BytesIO(out))
 
 
-def _label_png(shape, value):
-    from segdist.data.sample import encode_label_png
+def _label_member(key, shape, value, fmt):
+    """(member name, data) of a label filled with value: the shard format's .label.zst, or a
+    .png as format-1 shards (and other tools) store it."""
+    label = np.full(shape, value, np.uint8)
+    if fmt == "png":
+        return f"{key}.png", encode_label_png(label)
+    return f"{key}.label.zst", encode_label_zst(label)
 
-    return encode_label_png(np.full(shape, value, np.uint8))
+
+def test_format_1_shards_with_png_labels_read_the_same(val_copy, synth_shards):
+    sizes = {}
+
+    def to_png(name, data):
+        key, suffix = name.split(".", 1)
+        if suffix == "json":  # members are sorted: KEY.json comes before KEY.label.zst
+            meta = json.loads(data)
+            sizes[key] = (meta["height"], meta["width"])
+        if suffix != "label.zst":
+            return data
+        return f"{key}.png", encode_label_png(decode_label_zst(data, *sizes[key], name))
+
+    for shard in sorted(val_copy.glob("*.tar")):
+        _rewrite_shard(shard, to_png)
+        with tarfile.open(shard) as tar:
+            assert not any(n.endswith(".zst") for n in tar.getnames())
+    old = list(val_loader(read_dataset_info(synth_shards["val"]), rank=0, world_size=1, loader_workers=0))
+    new = list(val_loader(read_dataset_info(val_copy), rank=0, world_size=1, loader_workers=0))
+    assert len(old) == len(new) == 7
+    for (img_a, lab_a), (img_b, lab_b) in zip(old, new, strict=True):
+        assert torch.equal(img_a, img_b) and torch.equal(lab_a, lab_b)
 
 
 def _all(info, on_bad="raise"):
@@ -170,7 +200,7 @@ def test_truncated_tar_names_the_shard(val_copy):
 
 
 def test_sample_without_label_names_shard_and_key(val_copy):
-    _rewrite_shard(val_copy / "val-000000.tar", lambda n, d: None if n == "000014.png" else d)
+    _rewrite_shard(val_copy / "val-000000.tar", lambda n, d: None if n == "000014.label.zst" else d)
     info = read_dataset_info(val_copy)
     with pytest.raises(SegdistError, match=r"val-000000\.tar \(sample '000014'\).*no label"):
         _all(info)
@@ -178,14 +208,15 @@ def test_sample_without_label_names_shard_and_key(val_copy):
     assert loader.num_skipped == 1 and "000014" not in keys and len(keys) == 6
 
 
-def test_label_out_of_range_names_shard_and_key(val_copy):
+@pytest.mark.parametrize("fmt", ["zst", "png"])
+def test_label_out_of_range_names_shard_and_key(val_copy, fmt):
     seen = {}
 
     def edit(name, data):
         seen[name] = data
-        if name == "000016.png":  # members are sorted: 000016.json came first
+        if name == "000016.label.zst":  # members are sorted: 000016.json came first
             meta = json.loads(seen["000016.json"])
-            return _label_png((meta["height"], meta["width"]), 6)
+            return _label_member("000016", (meta["height"], meta["width"]), 6, fmt)
         return data
 
     _rewrite_shard(val_copy / "val-000001.tar", edit)
@@ -194,12 +225,16 @@ def test_label_out_of_range_names_shard_and_key(val_copy):
         _all(info)
 
 
-def test_size_mismatch_names_shard_and_key(val_copy):
+@pytest.mark.parametrize(
+    "fmt, message", [("png", r"image is \d+x\d+ but label is 5x5"), ("zst", r"label.*not \d+x\d+ like its image")]
+)
+def test_size_mismatch_names_shard_and_key(val_copy, fmt, message):
     _rewrite_shard(
-        val_copy / "val-000002.tar", lambda n, d: _label_png((5, 5), 0) if n.endswith(".png") else d
+        val_copy / "val-000002.tar",
+        lambda n, d: _label_member(n.split(".")[0], (5, 5), 0, fmt) if n.endswith(".label.zst") else d,
     )
     info = read_dataset_info(val_copy)
-    with pytest.raises(SegdistError, match=r"val-000002\.tar \(sample '000019'\).*5x5"):
+    with pytest.raises(SegdistError, match=r"val-000002\.tar \(sample '000019'\): " + message):
         _all(info)
     loader = train_loader(
         info,
@@ -217,8 +252,22 @@ def test_size_mismatch_names_shard_and_key(val_copy):
     assert len(list(loader)) == 2 and loader.num_skipped >= 0
 
 
+def test_corrupt_label_names_shard_and_key(val_copy):
+    # 000016 gets a truncated zstd frame, the shard's other labels bytes that are no zstd at all
+    _rewrite_shard(
+        val_copy / "val-000001.tar",
+        lambda n, d: (d[:-4] if n.startswith("000016") else b"not zstd") if n.endswith(".label.zst") else d,
+    )
+    info = read_dataset_info(val_copy)
+    with pytest.raises(SegdistError, match=r"val-000001\.tar \(sample '000016'\): label \(\.label\.zst\) is corrupt"):
+        _all(info)
+    loader, keys = _all(info, "skip")
+    assert loader.num_skipped == info.shard_sizes[1] and "000016" not in keys
+    assert len(keys) == info.num_samples - info.shard_sizes[1]
+
+
 def test_train_skip_mode_counts(val_copy):
-    _rewrite_shard(val_copy / "val-000000.tar", lambda n, d: None if n == "000014.png" else d)
+    _rewrite_shard(val_copy / "val-000000.tar", lambda n, d: None if n == "000014.label.zst" else d)
     info = read_dataset_info(val_copy)
     with pytest.raises(SegdistError, match="'000014'"):
         list(_train(info, batches_per_epoch=6))
