@@ -177,13 +177,13 @@ def test_fast_resize_matches_the_pillow_reference():
         ry, rx = p.scaled_h / height, p.scaled_w / width
         box = (vx0 / rx, vy0 / ry, vx1 / rx, vy1 / ry)
         whole = Image.fromarray(label).resize((p.scaled_w, p.scaled_h), Image.NEAREST)
-        rgb = np.asarray(image.resize((vx1 - vx0, vy1 - vy0), Image.BILINEAR, box=box))
+        rgb = np.asarray(Image.fromarray(image).resize((vx1 - vx0, vy1 - vy0), Image.BILINEAR, box=box))
         return rgb, np.asarray(whole)[vy0:vy1, vx0:vx1]
 
     rng = np.random.default_rng(0)
     yy, xx = np.mgrid[:37, :45]
     rgb = np.stack([np.sin(xx / 5) * 100 + 120, np.cos(yy / 4) * 90 + 120, (xx * 3 + yy) % 200 + 20], -1)
-    image = Image.fromarray(rgb.astype(np.uint8))
+    image = rgb.astype(np.uint8)
     label = rng.choice(np.array([0, 1, 2, 255], np.uint8), size=(37, 45))
     for _ in range(50):
         p = T.sample_crop_params(rng, 37, 45, (24, 24), (1.0, 2.5), aspect_jitter=0.1)

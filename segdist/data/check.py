@@ -93,7 +93,7 @@ def inspect_shards(path: str | os.PathLike, *, max_problems: int = 50) -> Inspec
                     problem(str(err))
                     continue
                 report.samples += 1
-                size = image.size
+                size = (image.shape[1], image.shape[0])  # (width, height)
                 report.min_size = (
                     size if report.min_size is None else tuple(np.minimum(report.min_size, size).tolist())
                 )

@@ -90,8 +90,8 @@ def downscale_sample(sample: Sample, factor: float) -> Sample:
     """Resize image (bilinear, re-encoded: JPEG q95 / PNG) and label (nearest) by factor."""
     height, width = sample.label.shape
     size = (max(1, round(width * factor)), max(1, round(height * factor)))
-    image = decode_image(sample.image_bytes, f"{sample.source} (sample {sample.key!r})")
-    image = image.resize(size, Image.BILINEAR)
+    rgb = decode_image(sample.image_bytes, f"{sample.source} (sample {sample.key!r})")
+    image = Image.fromarray(rgb).resize(size, Image.BILINEAR)
     buf = io.BytesIO()
     if sample.image_ext in ("jpg", "jpeg"):
         image.save(buf, format="JPEG", quality=95)
@@ -119,12 +119,12 @@ class _ShardAccumulator:
         check_key(sample.key, where)
         check_label(sample.label, self.num_classes, where, self.lut)
         image = decode_image(sample.image_bytes, where)
-        if (image.size[1], image.size[0]) != sample.label.shape:
+        if image.shape[:2] != sample.label.shape:
             raise SegdistError(
-                f"{where}: image is {image.size[0]}x{image.size[1]} but label is "
+                f"{where}: image is {image.shape[1]}x{image.shape[0]} but label is "
                 f"{sample.label.shape[1]}x{sample.label.shape[0]}"
             )
-        rgb = np.asarray(image).reshape(-1, 3).astype(np.float64)
+        rgb = image.reshape(-1, 3).astype(np.float64)
         self.sum += rgb.sum(axis=0)
         self.sumsq += np.einsum("ij,ij->j", rgb, rgb)
         self.npix += rgb.shape[0]

@@ -216,7 +216,7 @@ def iter_shard(url: str, expected: int = -1) -> Iterator[dict]:
 
 
 def decode_sample(sample: dict, num_classes: int, lut: np.ndarray | None = None):
-    """Raw tar sample -> (key, PIL RGB image, uint8 label), validated."""
+    """Raw tar sample -> (key, uint8 RGB [H, W, 3] image, uint8 label [H, W]), validated."""
     key = sample.get("__key__")
     shard = sample.get("__url__", "?")
     where = f"{shard} (sample {key!r})"
@@ -229,12 +229,12 @@ def decode_sample(sample: dict, num_classes: int, lut: np.ndarray | None = None)
         raise SegdistError(f"{where}: sample has no label (.label.zst or .png)")
     image = decode_image(image_bytes, where)
     if label_zst is not None:
-        label = decode_label_zst(label_zst, image.size[1], image.size[0], where)
+        label = decode_label_zst(label_zst, *image.shape[:2], where)
     else:
         label = decode_label_png(label_png, where)
-    if (image.size[1], image.size[0]) != label.shape:
+    if image.shape[:2] != label.shape:
         raise SegdistError(
-            f"{where}: image is {image.size[0]}x{image.size[1]} but label is {label.shape[1]}x{label.shape[0]}"
+            f"{where}: image is {image.shape[1]}x{image.shape[0]} but label is {label.shape[1]}x{label.shape[0]}"
         )
     check_label(label, num_classes, where, lut)
     return key, image, label
@@ -415,7 +415,7 @@ class _TrainStream(IterableDataset):
 
 
 def make_batches(decoded, transform: TrainTransform, batch_size: int, rng: np.random.Generator):
-    """(key, PIL image, uint8 label) triples -> (images, targets) tensors of batch_size.
+    """(key, uint8 RGB image, uint8 label) triples -> (images, targets) tensors of batch_size.
 
     images: uint8 [B, h, w, 4] and targets uint8 [B, h, w] (float32 [B, C, h, w] for
     edgemix), the format segdist.data.batch converts on the device. Each sample is augmented

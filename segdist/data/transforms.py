@@ -30,18 +30,11 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-import cv2  # opencv-python-headless
+import cv2  # opencv-python-headless, single-threaded (see segdist/data/__init__.py)
 import numpy as np
-from PIL import Image
 from scipy import ndimage
 
 from segdist.data.classes import IGNORE_INDEX, IMAGENET_MEAN, IMAGENET_STD
-
-# One thread: the data path runs one process per core (loader workers), so OpenCV's own pool
-# would only oversubscribe the cores (measured: 9% fewer training steps/s). It is set here, at
-# import, because the pool is not fork-safe: changing it in a forked loader worker after the
-# parent has used it hangs.
-cv2.setNumThreads(1)
 
 LABEL_MODES = ("hard", "trimap", "edgemix")
 RESIZE_BACKEND = "opencv"  # recorded with every trial: the augmented pixels depend on it
@@ -145,28 +138,10 @@ def _nearest_index(v0: int, v1: int, size: int, scaled: int) -> np.ndarray:
     return idx
 
 
-_ARROW = [True]  # Pillow's zero-copy Arrow export usable (Pillow >= 11.2 with pyarrow)
-
-
-def _pixels(image: Image.Image) -> np.ndarray:
-    """Decoded image -> uint8 [H, W, 4]: RGB + an unused byte, PIL's own pixel layout (and
-    the layout OpenCV warps fastest: ~4x faster than 3 channels). Read in place through
-    Pillow's Arrow export (no copy) where that works, else copied out with tobytes."""
-    if image.mode != "RGB":
-        image = image.convert("RGB")
-    width, height = image.size
-    if _ARROW[0] and hasattr(image, "__arrow_c_array__"):
-        try:
-            import pyarrow
-
-            flat = pyarrow.array(image).values.to_numpy(zero_copy_only=True)
-            if flat.size == height * width * 4:
-                return flat.reshape(height, width, 4)
-        except ImportError:
-            _ARROW[0] = False
-        except Exception:  # e.g. an image in several memory blocks: copy it instead
-            pass
-    return np.frombuffer(image.tobytes("raw", "RGBX"), dtype=np.uint8).reshape(height, width, 4)
+def _pixels(rgb: np.ndarray) -> np.ndarray:
+    """Decoded uint8 RGB [H, W, 3] -> uint8 [H, W, 4]: RGB + an unused byte, the layout OpenCV
+    warps fastest (~4x faster than 3 channels, more than paying for this conversion)."""
+    return cv2.cvtColor(rgb, cv2.COLOR_RGB2RGBA)
 
 
 def _taps_inside(v0: int, v1: int, step: float, size: int) -> bool:
@@ -228,7 +203,7 @@ def _resize_label(label: np.ndarray, p: CropParams, window: tuple[int, int, int,
 
 
 def resize_crop(
-    image: Image.Image, label: np.ndarray, p: CropParams, crop: tuple[int, int]
+    image: np.ndarray, label: np.ndarray, p: CropParams, crop: tuple[int, int]
 ) -> tuple[np.ndarray, np.ndarray, tuple[int, int, int, int]]:
     """Resize (image bilinear, label nearest) and cut the crop window, without padding or flip.
 
@@ -323,7 +298,7 @@ def _fill_pixels(image: np.ndarray, pixel: np.ndarray) -> None:
 
 
 class TrainTransform:
-    """Decoded (PIL RGB image, uint8 label) + rng -> (uint8 [h, w, 4] image, target).
+    """Decoded (uint8 RGB [H, W, 3] image, uint8 label) + rng -> (uint8 [h, w, 4] image, target).
 
     The image comes out as the training batch carries it (see segdist.data.batch): R, G, B
     and a fourth byte that holds the Canny edge map x255 with `edges=True` (unused, and not
@@ -373,7 +348,7 @@ class TrainTransform:
 
     def __call__(
         self,
-        image: Image.Image,
+        image: np.ndarray,
         label: np.ndarray,
         rng: np.random.Generator,
         out: tuple[np.ndarray, np.ndarray] | None = None,
@@ -426,8 +401,8 @@ class EvalTransform:
     def __init__(self, *, edges: bool = False) -> None:
         self.edges = edges
 
-    def __call__(self, image: Image.Image, label: np.ndarray):
-        rgb = np.asarray(image)
+    def __call__(self, image: np.ndarray, label: np.ndarray):
+        rgb = image
         img = normalize(rgb)
         if self.edges:
             edges = edge_bytes(canny_edges(rgb)).astype(np.float32) / 255.0

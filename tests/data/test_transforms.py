@@ -22,7 +22,7 @@ def _pair(h=37, w=45, seed=0, values=(0, 1, 2, 7, 255)):
     rng = np.random.default_rng(seed)
     rgb = rng.integers(0, 256, size=(h, w, 3), dtype=np.uint8)
     label = rng.choice(np.array(values, dtype=np.uint8), size=(h, w))
-    return Image.fromarray(rgb), label
+    return rgb, label
 
 
 @pytest.mark.parametrize("scale_range", [(0.3, 0.6), (0.5, 2.5), (1.7, 3.1)])
@@ -48,7 +48,7 @@ def test_padding_label_255_image_mean():
     # the unpadded part is the image itself; on the device the padding is the mean (~0)
     ys, xs = np.nonzero(inside)
     crop = img[ys.min() : ys.max() + 1, xs.min() : xs.max() + 1, :3]
-    assert np.array_equal(crop, np.asarray(image))
+    assert np.array_equal(crop, image)
     rgb, edges = model_inputs(torch.from_numpy(img)[None], torch.device("cpu"))
     assert edges is None and rgb[0][:, torch.from_numpy(~inside)].abs().max() < 0.01
 
@@ -69,7 +69,7 @@ def test_flip_moves_image_and_label_together():
     rng = np.random.default_rng(0)
     seen = set()
     for _ in range(16):
-        img, target = t(Image.fromarray(rgb), label, rng)
+        img, target = t(rgb, label, rng)
         bright = img[..., 0] > 127
         assert np.array_equal(bright, target == 1)
         seen.add(bool(target[0, 0] == 1))
@@ -81,7 +81,7 @@ def test_crop_window_matches_resize_then_crop():
     p = CropParams(scaled_h=63, scaled_w=71, top=11, left=17, flip=False)
     rgb, lab, placed = resize_crop(image, label, p, (32, 32))
     full_lab = np.asarray(Image.fromarray(label).resize((71, 63), Image.NEAREST))
-    full_rgb = np.asarray(image.resize((71, 63), Image.BILINEAR)).astype(int)
+    full_rgb = np.asarray(Image.fromarray(image).resize((71, 63), Image.BILINEAR)).astype(int)
     assert placed == (0, 0, 32, 32)
     assert np.array_equal(lab, full_lab[11:43, 17:49])
     assert np.abs(rgb.astype(int) - full_rgb[11:43, 17:49]).max() <= 2
