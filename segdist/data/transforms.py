@@ -401,8 +401,7 @@ class EvalTransform:
     def __init__(self, *, edges: bool = False) -> None:
         self.edges = edges
 
-    def __call__(self, image: np.ndarray, label: np.ndarray):
-        rgb = image
+    def __call__(self, rgb: np.ndarray, label: np.ndarray):
         img = normalize(rgb)
         if self.edges:
             edges = edge_bytes(canny_edges(rgb)).astype(np.float32) / 255.0
