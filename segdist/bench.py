@@ -373,7 +373,7 @@ def _run_data(args) -> dict:
     if args.samples < args.batch_size or args.repeats < 1:
         raise SegdistError("--samples must be at least --batch-size and --repeats at least 1")
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # OpenCV is single-threaded already (segdist.data.transforms)
+    torch.set_num_threads(1)  # OpenCV is single-threaded already (segdist/data/__init__.py)
     try:
         return _measure_data(args)
     finally:

@@ -219,7 +219,7 @@ def fit(
     model_info = describe_model(model, num_classes, input_size=trial.train.crop_size) if rank == 0 else {}
     # FPN/GCN decoders always run at output stride 32, whatever the config says.
     model_info["output_stride"] = model.output_stride
-    model_info["resize_backend"] = RESIZE_BACKEND  # OpenCV or Pillow pixels: part of what a seed means
+    model_info["resize_backend"] = RESIZE_BACKEND  # how crops are resampled: part of what a seed means
     bf16, channels_last = resolve_precision(trial.train, device)
     model_info["precision"] = "bf16" if bf16 else "fp32"  # what `auto` became on this device
     model_info["channels_last"] = channels_last

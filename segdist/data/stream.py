@@ -472,7 +472,7 @@ def _identity(x):
 
 def _worker_init(_worker_id: int) -> None:
     # one loader worker = one core's work: no intra-op threads that would oversubscribe the
-    # cores of the training processes and the other workers (OpenCV's: see transforms.py)
+    # cores of the training processes and the other workers (OpenCV's: see segdist/data/__init__.py)
     torch.set_num_threads(1)
 
 

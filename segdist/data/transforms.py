@@ -154,7 +154,8 @@ def _resize_window(
     pixels: np.ndarray, p: CropParams, window: tuple[int, int, int, int], flip: bool, dst: np.ndarray | None = None
 ) -> np.ndarray:
     """Bilinear resize of the source pixels, only the window's part (mirrored with `flip`),
-    into `dst` when given (a view into the batch: no copy afterwards).
+    into `dst` when given (a view into the batch: no copy afterwards); without `dst` and
+    without a resize, a view of `pixels`.
 
     Destination pixel x of the window samples the source at (vx0 + x + 0.5) * W / scaled_w - 0.5,
     i.e. the pixel-centre mapping of resizing the whole image, then cropping.
@@ -166,7 +167,7 @@ def _resize_window(
         if flip:
             cut = cut[:, ::-1]
         if dst is None:
-            return cut.copy()  # never a view of the decoded image (callers may write to it)
+            return cut  # a view: `pixels` is always _pixels()'s fresh copy, never the decoded image
         dst[...] = cut
         return dst
     sy, sx = height / p.scaled_h, width / p.scaled_w
