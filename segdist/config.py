@@ -309,7 +309,7 @@ def smoke_study(study: StudyConfig, train_shards: str, val_shards: str) -> Study
                                  synthetic_root=None, loader_workers=0),
         model=dataclasses.replace(base.model, depth=18, width=4, pretrained=None),
         train=dataclasses.replace(base.train, epochs=1, batch_size=2, crop_size=32, epoch_scale=1.0,
-                                  precision="fp32", max_failures=0),
+                                  precision="fp32", channels_last=False, max_failures=0),
         resources=ResourcesConfig(workers=1, cpus_per_worker=1, gpus_per_worker=0, max_concurrent_trials=2),
     )
     # Variant tokens (size512, bs8, scale8) would undo the tiny sizes: pin them in the search.
