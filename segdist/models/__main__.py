@@ -30,7 +30,11 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--size", type=int, default=321, help="square input size S for the FLOP count (default 321)")
     d.add_argument("--depth", type=int, default=101, help="ResNet depth: 18, 34, 50, 101, 152 (default 101)")
     d.add_argument("--width", type=int, default=64, help="ResNet stem width (default 64, the real network)")
-    d.add_argument("--output-stride", type=int, default=8, help="8, 16 or 32 (default 8; FPN/GCN always use 32)")
+    d.add_argument("--output-stride", type=int, default=None,
+                   help="8, 16 or 32 (default: the protocol's for the variant; FPN/GCN/resnet101 use 32)")
+    d.add_argument("--protocol", choices=("deeplab", "original"), default="deeplab",
+                   help="resolve the variant as DeepLab's recipe (default) or as the original script did "
+                   "(segdist.protocols): module formulas, biases and output stride follow it")
     d.add_argument("--json", action="store_true", help="print one JSON object instead of aligned text")
     return parser
 
@@ -38,8 +42,8 @@ def _parser() -> argparse.ArgumentParser:
 @exit_on_user_error
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    from segdist.config import ModelConfig
     from segdist.models import build_model, describe_model
+    from segdist.recipe import resolve_recipe
 
     if args.classes < 1:
         raise SegdistError(f"--classes must be at least 1, got {args.classes}")
@@ -47,10 +51,16 @@ def main(argv: list[str] | None = None) -> int:
         raise SegdistError(f"--size must be at least 16, got {args.size}")
     if args.width < 1:
         raise SegdistError(f"--width must be positive, got {args.width}")
-    cfg = ModelConfig(variant=args.variant, depth=args.depth, width=args.width, output_stride=args.output_stride)
+    values = {"model.variant": args.variant, "model.width": args.width, "model.pretrained": None}
+    if args.depth != 101:
+        values["model.depth"] = args.depth
+    if args.output_stride is not None:
+        values["model.output_stride"] = args.output_stride
+    recipe = resolve_recipe(values, args.protocol, "describe")
     with torch.device("meta"):
-        model = build_model(cfg, args.classes)
-    info = {"variant": args.variant, **describe_model(model, args.classes, input_size=args.size)}
+        model = build_model(recipe.model, args.classes, load_pretrained=False)
+    info = {"variant": args.variant, "protocol": args.protocol,
+            **describe_model(model, args.classes, input_size=args.size)}
     if args.json:
         print(json.dumps(info))
     else:

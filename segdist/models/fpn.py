@@ -1,25 +1,33 @@
-"""Multi-level decoders on a plain (output stride 32) ResNet: the original's FPN, its
-`fpn.bilinear` and `fpn.standard` versions, and GCN ("Large Kernel Matters", Peng et al. 2017).
+"""Multi-level decoders on the plain (output stride 32) ResNet, as the original built them
+(experiments/resnet_model_fpn*.py, resnet_model_gcn.py; reference/recipes.md "M-FPN"):
+`fpn`, `fpn.bilinear`, `fpn.standard` and `gcn` ("Large Kernel Matters", Peng et al. 2017).
 
-All of them work at `num_classes` channels throughout (the laterals map C2..C5 straight
-to class maps), go top-down from C5 to C2 (stride 4), then take two more upsampling
-steps to the full input resolution, so their output needs no final resize:
+All work at K = num_classes channels throughout. With lat_i the lateral of level i (C5..C2),
+up_i an x2 upsampling to level i's size and bb a residual basic block K -> K:
 
-    P5 = lat5(C5)
-    Pi = lat_i(C_i) + up_i(P_{i+1})            i = 4, 3, 2    (then merge_i(Pi) if any)
-    out = final_2(up(final_1(up(P2))))       stride 4 -> 2 -> 1
+| decoder      | lateral           | top-down                             | tail (stride 4 -> 2 -> 1)             |
+|--------------|-------------------|--------------------------------------|---------------------------------------|
+| fpn          | bb(C -> K)        | P_i = lat_i + deconv_i(P_{i+1})      | deconv, bb, deconv, bb                |
+| fpn.bilinear | bb(C -> K)        | P_i = lat_i + resize(P_{i+1})        | resize, bb, resize, bb                |
+| fpn.standard | bb(C -> K)        | P_i = lat_i + bb_i(resize(P_{i+1}))  | resize, bb, resize, bb                |
+| gcn original | GCN(C -> K)       | as fpn                               | as fpn                                |
+| gcn paper    | BR(GCN(C -> K))   | P_i = BR(lat_i + deconv_i(P_{i+1}))  | as fpn                                |
 
-| decoder      | lateral                     | up                                  | merge        | final block  |
-|--------------|-----------------------------|-------------------------------------|--------------|--------------|
-| fpn          | residual basic block C->K   | 3x3 stride-2 transposed conv+BN+ReLU| -            | basic block  |
-| fpn.bilinear | residual basic block C->K   | bilinear                            | -            | basic block  |
-| fpn.standard | residual basic block C->K   | bilinear                            | basic block  | basic block  |
-| gcn          | GCN (k=15) then BR          | 3x3 stride-2 transposed conv+BN+ReLU| BR           | BR           |
+- bb (`resnet_basicblock`): conv3x3 + bias + BN + ReLU, conv3x3 + bias + BN (gamma 0 under
+  tensorpack init), plus the input (K -> K) or a 1x1 conv + bias + BN (C -> K); no ReLU after
+  the sum, so the last block's logits can be negative.
+- deconv: 3x3 stride-2 transposed conv + bias, BN, ReLU (segdist.models.tf1.Deconv).
+- GCN: two branches of k x 1 and 1 x k convs (k = 15, K channels in between, no bias, BN or
+  nonlinearity), summed. The original ran both branches 1 x k then k x 1 (the same order
+  twice) and had no Boundary Refinement; `gcn_style: paper` (segdist's default, a named fix
+  of variants.md) runs k x 1 -> 1 x k and 1 x k -> k x 1 and adds the paper's BR
+  x + conv3(relu(conv3(x))) after each GCN and after each top-down sum. The tail stays the
+  original's in both styles.
+- `lateral_extra(K)` builds the module applied to each lateral output before the sum (the
+  learnable Sobel modules of the FPN rows, or their resblock control).
 
-(K = num_classes, BR = Boundary Refinement x + conv3(relu(conv3(x))).) The last final
-block has no closing ReLU, so logits can be negative. Every upsampling step targets the
-exact size of the level it joins (transposed convs get `output_size`), so odd input sizes
-such as 65x65 come out at 65x65.
+Every upsampling targets the exact size of the level it joins (odd sizes such as 65x65 come
+out at 65x65); the tail's first target is the stem conv's output size, ceil(H / 2).
 """
 
 from __future__ import annotations
@@ -30,44 +38,51 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from segdist.models import tf1
+from segdist.models.init import init_conv, variance_scaling_, xavier_uniform_
+
 FPN_STYLES = ("fpn", "fpn.bilinear", "fpn.standard", "gcn")
 
 
 class ResidualBlock(nn.Module):
-    """A basic residual block cin -> cout (1x1 conv + BN shortcut when cin != cout)."""
+    """The original's resnet_basicblock outside the backbone: see the module docstring."""
 
-    def __init__(self, cin: int, cout: int, relu_out: bool = True):
+    def __init__(self, cin: int, cout: int, init: str = "pytorch"):
         super().__init__()
-        self.conv1 = nn.Conv2d(cin, cout, 3, padding=1, bias=False)
+        self.conv1 = nn.Conv2d(cin, cout, 3, padding=1)
         self.bn1 = nn.BatchNorm2d(cout)
-        self.conv2 = nn.Conv2d(cout, cout, 3, padding=1, bias=False)
+        self.conv2 = nn.Conv2d(cout, cout, 3, padding=1)
         self.bn2 = nn.BatchNorm2d(cout)
-        self.shortcut = (
-            nn.Identity() if cin == cout else nn.Sequential(nn.Conv2d(cin, cout, 1, bias=False), nn.BatchNorm2d(cout))
-        )
-        self.relu_out = relu_out
-        for conv in (self.conv1, self.conv2):
-            nn.init.kaiming_normal_(conv.weight, mode="fan_out", nonlinearity="relu")
+        self.shortcut = nn.Identity() if cin == cout else nn.Sequential(nn.Conv2d(cin, cout, 1), nn.BatchNorm2d(cout))
+        convs = [self.conv1, self.conv2] + ([] if cin == cout else [self.shortcut[0]])
+        for conv in convs:
+            init_conv(conv, init, mode="fan_in" if init == "tensorpack" else "fan_out")
+        if init == "tensorpack":
+            nn.init.zeros_(self.bn2.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = F.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out)) + self.shortcut(x)
-        return F.relu(out) if self.relu_out else out
+        return self.bn2(self.conv2(out)) + self.shortcut(x)
 
 
 class GlobalConv(nn.Module):
-    """GCN block: (kx1 -> 1xk) + (1xk -> kx1), no nonlinearity, summed. The two branches
-    take the two different orders (the original had both in the same order)."""
+    """GCN block (k x 1 and 1 x k branches, summed; see the module docstring). Its kernels are
+    the `extras` parameter group: the original's `gcn_W*` were hit by no multiplier pattern."""
 
-    def __init__(self, cin: int, cout: int, k: int = 15):
+    param_group = "extras"
+
+    def __init__(self, cin: int, cout: int, k: int = 15, style: str = "paper", init: str = "pytorch"):
         super().__init__()
         p = k // 2
-        self.left = nn.Sequential(
-            nn.Conv2d(cin, cout, (k, 1), padding=(p, 0)), nn.Conv2d(cout, cout, (1, k), padding=(0, p))
-        )
-        self.right = nn.Sequential(
-            nn.Conv2d(cin, cout, (1, k), padding=(0, p)), nn.Conv2d(cout, cout, (k, 1), padding=(p, 0))
-        )
+        row = lambda c: nn.Conv2d(c, cout, (1, k), padding=(0, p), bias=False)  # noqa: E731
+        col = lambda c: nn.Conv2d(c, cout, (k, 1), padding=(p, 0), bias=False)  # noqa: E731
+        self.left = nn.Sequential(row(cin), col(cout)) if style == "original" else nn.Sequential(col(cin), row(cout))
+        self.right = nn.Sequential(row(cin), col(cout))
+        for conv in (*self.left, *self.right):
+            if init == "tensorpack":
+                variance_scaling_(conv.weight, k * conv.in_channels)  # TF kernel [1, k, in, out]: fan_in k * in
+            else:
+                nn.init.kaiming_normal_(conv.weight, mode="fan_out", nonlinearity="relu")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.left(x) + self.right(x)
@@ -76,32 +91,41 @@ class GlobalConv(nn.Module):
 class BoundaryRefine(nn.Module):
     """BR block of the GCN paper: x + conv3(relu(conv3(x)))."""
 
-    def __init__(self, channels: int):
+    def __init__(self, channels: int, init: str = "pytorch"):
         super().__init__()
         self.conv1 = nn.Conv2d(channels, channels, 3, padding=1)
         self.conv2 = nn.Conv2d(channels, channels, 3, padding=1)
+        for conv in (self.conv1, self.conv2):
+            init_conv(conv, init, mode="fan_in" if init == "tensorpack" else "fan_out")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x + self.conv2(F.relu(self.conv1(x)))
 
 
 class Up(nn.Module):
-    """x2 upsampling to an exact size: transposed conv (+BN+ReLU) or bilinear."""
+    """x2 upsampling to an exact size: deconv + BN + ReLU, or a plain bilinear resize."""
 
-    def __init__(self, channels: int, deconv: bool):
+    def __init__(self, channels: int, deconv: bool, framework: str = "pytorch", init: str = "pytorch"):
         super().__init__()
-        self.deconv = nn.ConvTranspose2d(channels, channels, 3, stride=2, padding=1, bias=False) if deconv else None
+        self.framework = framework
+        self.deconv = tf1.Deconv(channels, framework) if deconv else None
         self.bn = nn.BatchNorm2d(channels) if deconv else None
+        if deconv:
+            weight = self.deconv.conv.weight
+            if init == "tensorpack":  # Deconv2D: xavier_initializer_conv2d(), bias 0
+                xavier_uniform_(weight, 9 * channels, 9 * channels)
+            else:
+                nn.init.kaiming_normal_(weight, mode="fan_out", nonlinearity="relu")
+            nn.init.zeros_(self.deconv.conv.bias)
 
     def forward(self, x: torch.Tensor, size) -> torch.Tensor:
         if self.deconv is None:
-            return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
-        return F.relu(self.bn(self.deconv(x, output_size=list(size))))
+            return tf1.resize_bilinear(x, size, self.framework)
+        return F.relu(self.bn(self.deconv(x, size)))
 
 
 class FPNDecoder(nn.Module):
-    """See the module docstring. `lateral_extra(K)` builds the module applied to each
-    lateral output before the top-down sum (learnable Sobel on the laterals)."""
+    """See the module docstring."""
 
     def __init__(
         self,
@@ -110,31 +134,31 @@ class FPNDecoder(nn.Module):
         style: str = "fpn",
         lateral_extra: Callable[[int], nn.Module] | None = None,
         gcn_k: int = 15,
+        *,
+        gcn_style: str = "paper",
+        framework: str = "pytorch",
+        init: str = "pytorch",
     ):
         super().__init__()
         if style not in FPN_STYLES:
             raise ValueError(f"unknown FPN style {style!r}")
         k = num_classes
-        self.style = style
-        gcn = style == "gcn"
+        self.style, self.framework = style, framework
+        paper_gcn = style == "gcn" and gcn_style == "paper"
         deconv = style in ("fpn", "gcn")
-        if gcn:
-            self.laterals = nn.ModuleList(nn.Sequential(GlobalConv(c, k, gcn_k), BoundaryRefine(k)) for c in in_channels)
+        if style == "gcn":
+            def gcn(c: int) -> nn.Module:
+                block = GlobalConv(c, k, gcn_k, gcn_style, init)
+                return nn.Sequential(block, BoundaryRefine(k, init)) if paper_gcn else block
+            self.laterals = nn.ModuleList(gcn(c) for c in in_channels)
         else:
-            self.laterals = nn.ModuleList(ResidualBlock(c, k) for c in in_channels)
+            self.laterals = nn.ModuleList(ResidualBlock(c, k, init) for c in in_channels)
         self.lateral_extras = nn.ModuleList(lateral_extra(k) for _ in in_channels) if lateral_extra else None
-        self.ups = nn.ModuleList(Up(k, deconv) for _ in range(len(in_channels) - 1))
-        if gcn:
-            self.merges = nn.ModuleList(BoundaryRefine(k) for _ in range(len(in_channels) - 1))
-        elif style == "fpn.standard":
-            self.merges = nn.ModuleList(ResidualBlock(k, k) for _ in range(len(in_channels) - 1))
-        else:
-            self.merges = None
-        self.final_ups = nn.ModuleList(Up(k, deconv) for _ in range(2))
-        if gcn:
-            self.finals = nn.ModuleList(BoundaryRefine(k) for _ in range(2))
-        else:
-            self.finals = nn.ModuleList([ResidualBlock(k, k), ResidualBlock(k, k, relu_out=False)])
+        self.ups = nn.ModuleList(Up(k, deconv, framework, init) for _ in range(len(in_channels) - 1))
+        self.smooths = nn.ModuleList(ResidualBlock(k, k, init) for _ in self.ups) if style == "fpn.standard" else None
+        self.merges = nn.ModuleList(BoundaryRefine(k, init) for _ in self.ups) if paper_gcn else None
+        self.final_ups = nn.ModuleList(Up(k, deconv, framework, init) for _ in range(2))
+        self.finals = nn.ModuleList(ResidualBlock(k, k, init) for _ in range(2))
 
     def _lateral(self, i: int, x: torch.Tensor) -> torch.Tensor:
         x = self.laterals[i](x)
@@ -144,7 +168,10 @@ class FPNDecoder(nn.Module):
         n = len(feats)
         p = self._lateral(n - 1, feats[-1])
         for i in range(n - 2, -1, -1):
-            p = self._lateral(i, feats[i]) + self.ups[i](p, feats[i].shape[-2:])
+            up = self.ups[i](p, feats[i].shape[-2:])
+            if self.smooths is not None:
+                up = self.smooths[i](up)
+            p = self._lateral(i, feats[i]) + up
             if self.merges is not None:
                 p = self.merges[i](p)
         # stride 4 -> 2 -> 1: the stem conv's output size is ceil(H/2)

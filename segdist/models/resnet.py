@@ -1,24 +1,30 @@
-"""ResNet-18/34/50/101/152 backbones with DeepLab dilation, torchvision-compatible names.
+"""ResNet-18/34/50/101/152 backbones, torchvision-compatible names, with the stride placement,
+dilations and framework numerics of a recipe (segdist.recipe.ModelRecipe).
 
 The module and parameter names are exactly torchvision's (`conv1`, `bn1`, `layer1.0.conv1`,
-`layer2.0.downsample.0`, ...) so an ImageNet state dict saved by torchvision loads as is;
-there is no `fc` (segmentation does not use it) and `fc.*` keys in a file are ignored.
+`layer2.0.downsample.0`, ...) so an ImageNet state dict saved by torchvision loads as is
+(segdist.models.pretrained); there is no `fc` (segmentation does not use it).
 
 `width` is the number of stem channels: 64 is the real network; smaller widths scale every
 stage proportionally (stage planes width, 2w, 4w, 8w) for tiny test models.
-Output stride 8/16/32: the strides of layer3/layer4 are replaced by dilation 2/4
-(DeepLab style: every block of a dilated stage uses the stage's dilation).
+Per stage res3, res4, res5 (layer2..layer4): a stride (1 or 2), a dilation of its 3x3 convs
+(every block of the stage, the first included) and where a strided bottleneck puts its
+stride: on the 3x3 conv2 (torchvision, "ResNet v1.5") or on the 1x1 conv1 (the original
+Caffe ResNet and the 2017 DeepLab code's `stride_first`). The shortcut's 1x1 conv carries the
+stride either way. DeepLab's own placements for output stride 8/16/32 are STRIDES.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
+import math
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from segdist.errors import SegdistError
+from segdist.models import tf1
+from segdist.models.init import init_conv
 
 NORMS = ("batch", "sync", "frozen")
 LAYOUTS = {
@@ -28,8 +34,9 @@ LAYOUTS = {
     101: ("bottleneck", (3, 4, 23, 3)),
     152: ("bottleneck", (3, 8, 36, 3)),
 }
-# output stride -> (stride, dilation) of layer3 and layer4
-_DILATION = {32: ((2, 1), (2, 1)), 16: ((2, 1), (1, 2)), 8: ((1, 2), (1, 4))}
+# output stride -> (strides, dilations) of res3, res4, res5: DeepLab's placement (every block of a
+# dilated stage uses the stage's dilation)
+STRIDES = {8: ((2, 1, 1), (1, 2, 4)), 16: ((2, 2, 1), (1, 1, 2)), 32: ((2, 2, 2), (1, 1, 1))}
 
 
 class FrozenBatchNorm2d(nn.BatchNorm2d):
@@ -103,19 +110,22 @@ def norm_layer(kind: str):
     return FrozenBatchNorm2d if kind == "frozen" else nn.BatchNorm2d
 
 
-def conv3x3(cin: int, cout: int, stride: int = 1, dilation: int = 1) -> nn.Conv2d:
-    return nn.Conv2d(cin, cout, 3, stride=stride, padding=dilation, dilation=dilation, bias=False)
+def _bn_zero_gamma(bn: nn.BatchNorm2d) -> None:
+    if bn.weight is not None and bn.weight.requires_grad:
+        nn.init.zeros_(bn.weight)
 
 
 class BasicBlock(nn.Module):
     expansion = 1
+    last_bn = "bn2"  # the BN that ends the residual branch (gamma 0 under tensorpack init)
 
-    def __init__(self, inplanes, planes, stride=1, dilation=1, downsample=None, norm=nn.BatchNorm2d):
+    def __init__(self, inplanes, planes, stride=1, dilation=1, downsample=None, norm=nn.BatchNorm2d,
+                 stride_on="3x3", framework="pytorch"):
         super().__init__()
-        self.conv1 = conv3x3(inplanes, planes, stride, dilation)
+        self.conv1 = tf1.conv2d(framework, inplanes, planes, 3, stride, dilation)
         self.bn1 = norm(planes)
         self.relu = nn.ReLU(inplace=True)
-        self.conv2 = conv3x3(planes, planes, 1, dilation)
+        self.conv2 = tf1.conv2d(framework, planes, planes, 3, 1, dilation)
         self.bn2 = norm(planes)
         self.downsample = downsample
 
@@ -127,15 +137,19 @@ class BasicBlock(nn.Module):
 
 
 class Bottleneck(nn.Module):
-    """torchvision's ResNet v1.5 bottleneck (stride on the 3x3 conv)."""
+    """torchvision's bottleneck; the stride on the 3x3 conv2 (stride_on "3x3", v1.5) or on the
+    1x1 conv1 ("1x1")."""
 
     expansion = 4
+    last_bn = "bn3"
 
-    def __init__(self, inplanes, planes, stride=1, dilation=1, downsample=None, norm=nn.BatchNorm2d):
+    def __init__(self, inplanes, planes, stride=1, dilation=1, downsample=None, norm=nn.BatchNorm2d,
+                 stride_on="3x3", framework="pytorch"):
         super().__init__()
-        self.conv1 = nn.Conv2d(inplanes, planes, 1, bias=False)
+        first = stride if stride_on == "1x1" else 1
+        self.conv1 = nn.Conv2d(inplanes, planes, 1, stride=first, bias=False)
         self.bn1 = norm(planes)
-        self.conv2 = conv3x3(planes, planes, stride, dilation)
+        self.conv2 = tf1.conv2d(framework, planes, planes, 3, stride // first, dilation)
         self.bn2 = norm(planes)
         self.conv3 = nn.Conv2d(planes, planes * 4, 1, bias=False)
         self.bn3 = norm(planes * 4)
@@ -153,45 +167,62 @@ class Bottleneck(nn.Module):
 class ResNet(nn.Module):
     """The feature extractor: stem (conv1, bn1, relu, maxpool) and layer1..layer4
     (= res2..res5 in DeepLab's naming). `channels` lists the output channels of
-    layer1..layer4; `output_stride` is the stride of layer4's output."""
+    layer1..layer4; `output_stride` is the stride of layer4's output.
 
-    def __init__(self, depth: int = 101, width: int = 64, output_stride: int = 8, norm: str = "batch"):
+    strides / dilations / stride_on: of res3, res4, res5 (default: STRIDES[output_stride],
+    stride on the 3x3). framework: tf1 (TF "SAME" padding of the strided stem conv, pool and
+    strided 3x3 convs) | pytorch (segdist.models.tf1). init: tensorpack (variance scaling,
+    fan_out, as the original's backbone argscope; gamma 0 on each block's last BN) | pytorch
+    (Kaiming normal, fan_out); ImageNet weights replace either."""
+
+    def __init__(self, depth: int = 101, width: int = 64, output_stride: int = 8, norm: str = "batch", *,
+                 strides=None, dilations=None, stride_on=("3x3", "3x3", "3x3"), framework: str = "pytorch",
+                 init: str = "pytorch"):
         super().__init__()
         if depth not in LAYOUTS:
             raise SegdistError(f"unknown ResNet depth {depth}; valid: {', '.join(map(str, LAYOUTS))}")
-        if output_stride not in _DILATION:
+        if output_stride not in STRIDES:
             raise SegdistError(f"output stride must be 8, 16 or 32, got {output_stride}")
         if width < 1:
             raise SegdistError(f"ResNet width must be positive, got {width}")
+        if strides is None or dilations is None:
+            strides, dilations = STRIDES[output_stride]
+        if 4 * math.prod(strides) != output_stride:
+            raise SegdistError(f"strides {tuple(strides)} give output stride {4 * math.prod(strides)}, not {output_stride}")
         kind, blocks = LAYOUTS[depth]
         block = BasicBlock if kind == "basic" else Bottleneck
         norm_cls = norm_layer(norm)
         self.depth, self.width, self.output_stride = depth, width, output_stride
-        self.conv1 = nn.Conv2d(3, width, 7, stride=2, padding=3, bias=False)
+        self.conv1 = tf1.conv2d(framework, 3, width, 7, stride=2)
         self.bn1 = norm_cls(width)
         self.relu = nn.ReLU(inplace=True)
-        self.maxpool = nn.MaxPool2d(3, stride=2, padding=1)
-        (s3, d3), (s4, d4) = _DILATION[output_stride]
+        self.maxpool = tf1.max_pool(framework)
         self._inplanes = width
-        self.layer1 = self._make_layer(block, width, blocks[0], 1, 1, norm_cls)
-        self.layer2 = self._make_layer(block, width * 2, blocks[1], 2, 1, norm_cls)
-        self.layer3 = self._make_layer(block, width * 4, blocks[2], s3, d3, norm_cls)
-        self.layer4 = self._make_layer(block, width * 8, blocks[3], s4, d4, norm_cls)
+        common = dict(norm_cls=norm_cls, framework=framework)
+        self.layer1 = self._make_layer(block, width, blocks[0], 1, 1, "3x3", **common)
+        self.layer2 = self._make_layer(block, width * 2, blocks[1], strides[0], dilations[0], stride_on[0], **common)
+        self.layer3 = self._make_layer(block, width * 4, blocks[2], strides[1], dilations[1], stride_on[1], **common)
+        self.layer4 = self._make_layer(block, width * 8, blocks[3], strides[2], dilations[2], stride_on[2], **common)
         self.channels = tuple(width * m * block.expansion for m in (1, 2, 4, 8))
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+                init_conv(m, init, mode="fan_out")
+        if init == "tensorpack":
+            for m in self.modules():
+                if isinstance(m, (BasicBlock, Bottleneck)):
+                    _bn_zero_gamma(getattr(m, m.last_bn))
 
-    def _make_layer(self, block, planes, count, stride, dilation, norm_cls):
+    def _make_layer(self, block, planes, count, stride, dilation, stride_on, norm_cls, framework):
         downsample = None
         if stride != 1 or self._inplanes != planes * block.expansion:
             downsample = nn.Sequential(
                 nn.Conv2d(self._inplanes, planes * block.expansion, 1, stride=stride, bias=False),
                 norm_cls(planes * block.expansion),
             )
-        layers = [block(self._inplanes, planes, stride, dilation, downsample, norm_cls)]
+        kw = dict(norm=norm_cls, stride_on=stride_on, framework=framework)
+        layers = [block(self._inplanes, planes, stride, dilation, downsample, **kw)]
         self._inplanes = planes * block.expansion
-        layers += [block(self._inplanes, planes, 1, dilation, None, norm_cls) for _ in range(1, count)]
+        layers += [block(self._inplanes, planes, 1, dilation, None, **kw) for _ in range(1, count)]
         return nn.Sequential(*layers)
 
     def stem(self, x: torch.Tensor) -> torch.Tensor:
@@ -205,39 +236,3 @@ class ResNet(nn.Module):
             x = layer(x)
             feats.append(x)
         return feats
-
-
-def load_torchvision_weights(backbone: ResNet, path: str | Path) -> None:
-    """Load a torchvision-format ResNet state dict (ImageNet weights) into `backbone`.
-
-    `fc.*` is ignored and `num_batches_tracked` may be absent (older torchvision files);
-    any other missing or unexpected key, or a shape mismatch, is a SegdistError naming
-    the file and the key.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise SegdistError(f"{path}: pretrained weights file not found")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - any unreadable file is the user's input
-        raise SegdistError(f"{path}: not a loadable torch state dict ({type(err).__name__}: {err})") from None
-    if not isinstance(state, dict) or not all(isinstance(k, str) for k in state):
-        raise SegdistError(f"{path}: expected a torchvision ResNet state dict (a mapping of tensor names)")
-    state = {k: v for k, v in state.items() if not k.startswith("fc.")}
-    own = backbone.state_dict()
-    for key, value in state.items():
-        if key not in own:
-            raise SegdistError(
-                f"{path}: unexpected key {key!r} for a ResNet-{backbone.depth} backbone "
-                "(is it a torchvision ResNet of this depth?)"
-            )
-        if not isinstance(value, torch.Tensor) or value.shape != own[key].shape:
-            shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
-            raise SegdistError(
-                f"{path}: key {key!r} has shape {shape}, the model expects {tuple(own[key].shape)} "
-                f"(depth {backbone.depth}, width {backbone.width})"
-            )
-    for key in own:
-        if key not in state and not key.endswith("num_batches_tracked"):
-            raise SegdistError(f"{path}: missing key {key!r} for a ResNet-{backbone.depth} backbone")
-    backbone.load_state_dict(state, strict=False)

@@ -1,11 +1,15 @@
 """Edge and Sobel modules placed after backbone stages, on FPN laterals or on the logits.
 
 - LearnableSobel (`learnable.sobel`, SPK): learnable 3x3 kernels restricted by fixed masks.
-- SobelResBlock (`learnable.sobel.resblock`): the control, a plain residual basic block.
-- FixedSobel (`sobel`, `sobellast`, `sobel.head`, `sobel-res234`): l + s * (gx^2 + gy^2).
+- SobelResBlock (`learnable.sobel.resblock`): the control, the FPN's residual basic block.
+- FixedSobel (`sobel`, `sobellast`, `sobel.head`, `sobel-res234`): l + s * f(gx^2 + gy^2).
 - EdgeInput (`edge`, `edgescale`, `edge.conv3`): the Canny edge map added to features.
 - StageExtras: what sits after one stage (edge input, fixed Sobel, learnable Sobel, in
   that order).
+
+Every module here is in the `extras` parameter group (`param_group`); segdist.protocols gives
+that group its rule (for the resblock control on FPN laterals the decoder's: the original's
+FPN patterns hit its convs, unlike the Sobel kernels).
 """
 
 from __future__ import annotations
@@ -13,6 +17,14 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from segdist.models import tf1
+from segdist.models.fpn import ResidualBlock
+from segdist.models.init import init_conv, variance_scaling_
+
+# sqrt(c1^2 + c2^2) is evaluated as sqrt(max(s, SQRT_FLOOR)): the same value wherever the
+# magnitude exceeds 1e-6, and a zero gradient (not NaN, TF's 0 * inf) where both responses vanish.
+SQRT_FLOOR = 1e-12
 
 # Supports of the difference kernels (1 = learnable entry, 0 = always zero).
 MASKS = {
@@ -34,20 +46,28 @@ class MaskedConv3x3(nn.Module):
     """A C->C 3x3 convolution (groups=C for channelwise) whose kernels are multiplied by a
     fixed 0/1 mask in every forward. Masked entries therefore get exactly zero gradient;
     they are zeroed at init and after every load_state_dict, so with SGD (momentum,
-    weight decay), Adam or AdamW they stay exactly zero."""
+    weight decay), Adam or AdamW they stay exactly zero.
 
-    def __init__(self, channels: int, mask: str, channelwise: bool, init: str = "random"):
+    sobel_init "random" + init "tensorpack": the original's variance_scaling_initializer() on TF's
+    kernel shape [3, 3, C, 1] (channelwise) or [3, 3, C, C]: fan_in 9C either way (TF reads the
+    depthwise kernel's C as its input channels), std ~ sqrt(2 / 9C). "random" + "pytorch":
+    Kaiming normal on the true fan-in (9 channelwise, 9C channel-cross). "sobel": the Sobel
+    kernel of the mask's support (channelwise: every channel; channel-cross: channel c -> c)."""
+
+    param_group = "extras"
+
+    def __init__(self, channels: int, mask: str, channelwise: bool, sobel_init: str = "random", init: str = "pytorch"):
         super().__init__()
         self.groups = channels if channelwise else 1
         self.weight = nn.Parameter(torch.empty(channels, channels // self.groups, 3, 3))
         self.register_buffer("mask", torch.tensor(MASKS[mask], dtype=torch.float32), persistent=False)
         self.kernel = mask
-        self.reset_parameters(init)
+        self.reset_parameters(sobel_init, init)
         self.register_load_state_dict_post_hook(lambda module, _keys: module.apply_mask_())
 
-    def reset_parameters(self, init: str = "random") -> None:
+    def reset_parameters(self, sobel_init: str = "random", init: str = "pytorch") -> None:
         with torch.no_grad():
-            if init == "sobel":
+            if sobel_init == "sobel":
                 self.weight.zero_()
                 kernel = torch.tensor(SOBEL[self.kernel], dtype=self.weight.dtype, device=self.weight.device)
                 if self.groups == 1:  # channelcross: the Sobel kernel on the diagonal (channel c -> c)
@@ -55,10 +75,12 @@ class MaskedConv3x3(nn.Module):
                     self.weight[idx, idx] = kernel
                 else:
                     self.weight[:, 0] = kernel
-            elif init == "random":  # the original's variance scaling (fan-in, scale 2)
+            elif sobel_init == "random" and init == "tensorpack":
+                variance_scaling_(self.weight, 9 * self.weight.shape[0])
+            elif sobel_init == "random":
                 nn.init.kaiming_normal_(self.weight, mode="fan_in", nonlinearity="relu")
             else:
-                raise ValueError(f"unknown Sobel init {init!r}")
+                raise ValueError(f"unknown Sobel init {sobel_init!r}")
         self.apply_mask_()
 
     def apply_mask_(self) -> None:
@@ -73,101 +95,110 @@ class MaskedConv3x3(nn.Module):
 
 
 class LearnableSobel(nn.Module):
-    """`learnable.sobel`: c_k = masked conv k of l; returns l + sum_k f(c_k) with
-    f = identity (1order) or square (2order), after an optional ReLU on c_k.
-    Masks: vertical and horizontal (SPK), plus the two diagonals (SPK4)."""
+    """`learnable.sobel`: c_k = masked conv k of l (after an optional ReLU on c_k); returns
+    l + c1 + c2 (1order), l + c1^2 + c2^2 (2order) or l + sqrt(c1^2 + c2^2) (sqrt; the naked
+    channel-cross script's form, see SQRT_FLOOR). Masks: vertical and horizontal (SPK), plus
+    the two diagonals (SPK4, summed like 1order/2order)."""
+
+    param_group = "extras"
 
     def __init__(
         self,
         channels: int,
         channelwise: bool = True,
-        order: int = 2,
+        form: str = "2order",
         relu: bool = False,
-        init: str = "random",
+        sobel_init: str = "random",
         masks: tuple[str, ...] = ("v", "h"),
+        init: str = "pytorch",
     ):
         super().__init__()
-        if order not in (1, 2):
-            raise ValueError(f"order must be 1 or 2, got {order}")
-        self.order, self.relu = order, relu
-        self.convs = nn.ModuleList(MaskedConv3x3(channels, m, channelwise, init) for m in masks)
+        if form not in ("1order", "2order", "sqrt"):
+            raise ValueError(f"form must be 1order, 2order or sqrt, got {form!r}")
+        self.form, self.relu = form, relu
+        self.convs = nn.ModuleList(MaskedConv3x3(channels, m, channelwise, sobel_init, init) for m in masks)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = x
-        for conv in self.convs:
-            c = conv(x)
-            if self.relu:
-                c = F.relu(c)
-            out = out + (c * c if self.order == 2 else c)
-        return out
+        responses = [conv(x) for conv in self.convs]
+        if self.relu:
+            responses = [F.relu(c) for c in responses]
+        if self.form == "1order":
+            return x + sum(responses)
+        energy = sum(c * c for c in responses)
+        return x + (energy.clamp_min(SQRT_FLOOR).sqrt() if self.form == "sqrt" else energy)
 
 
-class SobelResBlock(nn.Module):
-    """`learnable.sobel.resblock`: the control, relu(x + bn(conv(relu(bn(conv(x)))))) of
-    the same width, in place of the masked convolutions."""
+class SobelResBlock(ResidualBlock):
+    """`learnable.sobel.resblock`: the control, the FPN's residual basic block K -> K (biases,
+    BN with gamma 0 at the end of the branch under tensorpack init, identity shortcut, no final
+    ReLU: the identity at init) in place of the masked convolutions."""
 
-    def __init__(self, channels: int):
-        super().__init__()
-        self.conv1 = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(channels)
-        self.conv2 = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm2d(channels)
-        for conv in (self.conv1, self.conv2):
-            nn.init.kaiming_normal_(conv.weight, mode="fan_out", nonlinearity="relu")
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.relu(self.bn1(self.conv1(x)))
-        return F.relu(x + self.bn2(self.conv2(out)))
+    param_group = "extras"
 
 
-def learnable_sobel(channels: int, kind: str, order: int, relu: bool, init: str) -> nn.Module:
-    """The module for a Variant's learnable_sobel kind."""
+def learnable_sobel(channels: int, kind: str, form: str, relu: bool, sobel_init: str, init: str) -> nn.Module:
+    """The module for a recipe's learnable_sobel kind (init: the recipe's model.init)."""
     if kind == "resblock":
-        return SobelResBlock(channels)
+        return SobelResBlock(channels, channels, init)
     if kind not in ("channelwise", "channelcross"):
         raise ValueError(f"unknown learnable Sobel kind {kind!r}")
-    return LearnableSobel(channels, channelwise=kind == "channelwise", order=order, relu=relu, init=init)
+    return LearnableSobel(channels, channelwise=kind == "channelwise", form=form, relu=relu, sobel_init=sobel_init,
+                          init=init)
 
 
 class FixedSobel(nn.Module):
-    """Fixed per-channel Sobel gx, gy; returns l + s * (gx^2 + gy^2), s a per-channel
-    learnable scale initialised to 1."""
+    """Fixed per-channel Sobel gx, gy (zero padding); returns l + s * f(gx^2 + gy^2), s a
+    per-channel learnable scale initialised to 1, f = square (the original until 12-25, i.e.
+    (gx^2 + gy^2)^2), sqrt (see SQRT_FLOOR) or identity (from 12-25 21:33)."""
 
-    def __init__(self, channels: int):
+    param_group = "extras"
+
+    def __init__(self, channels: int, form: str = "identity"):
         super().__init__()
+        if form not in ("square", "sqrt", "identity"):
+            raise ValueError(f"form must be square, sqrt or identity, got {form!r}")
         kernels = torch.tensor((SOBEL["h"], SOBEL["v"]), dtype=torch.float32)  # [2,3,3]: gx, gy
         self.register_buffer("kernels", kernels.repeat(channels, 1, 1).unsqueeze(1), persistent=False)
         self.scale = nn.Parameter(torch.ones(channels))
-        self.channels = channels
+        self.channels, self.form = channels, form
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # One depthwise conv with 2 outputs per channel: [gx_c, gy_c] for each channel c.
         g = F.conv2d(x, self.kernels.to(x.dtype), padding=1, groups=self.channels)
-        magnitude = (g * g).unflatten(1, (self.channels, 2)).sum(2)
-        return x + self.scale.view(1, -1, 1, 1).to(x.dtype) * magnitude
+        energy = (g * g).unflatten(1, (self.channels, 2)).sum(2)
+        if self.form == "square":
+            energy = energy * energy
+        elif self.form == "sqrt":
+            energy = energy.clamp_min(SQRT_FLOOR).sqrt()
+        return x + self.scale.view(1, -1, 1, 1).to(x.dtype) * energy
 
 
 class EdgeInput(nn.Module):
-    """The Canny edge map (a [N,1,H,W] input in [0,1]) resized by area averaging to the
-    feature size and added to the features (broadcast over channels): `add`; times a
-    learnable per-channel scale initialised to 1: `scale`; through a 3x3 conv 1->C:
-    `conv3`."""
+    """The Canny edge map (a [N,1,H,W] input in [0,1]) resized bilinearly to the feature size
+    (tf1.resize_bilinear: TF's legacy mapping under tf1) and added to the features:
+    `add`: l + e (broadcast over channels, the original's tile); `scale`: e + l * s, s a
+    learnable per-channel scale of the *features*, initialised to 1 (resnet_model_edge_scale.py);
+    `conv3`: l + conv3x3(e), a 1 -> C conv without bias, fan_out variance scaling under
+    tensorpack init (it sat inside the backbone's argscope)."""
 
-    def __init__(self, mode: str, channels: int):
+    param_group = "extras"
+
+    def __init__(self, mode: str, channels: int, framework: str = "pytorch", init: str = "pytorch"):
         super().__init__()
         if mode not in ("add", "scale", "conv3"):
             raise ValueError(f"unknown edge input mode {mode!r}")
-        self.mode = mode
+        self.mode, self.framework = mode, framework
         if mode == "scale":
             self.scale = nn.Parameter(torch.ones(channels))
         elif mode == "conv3":
-            self.conv = nn.Conv2d(1, channels, 3, padding=1, bias=True)
+            self.conv = nn.Conv2d(1, channels, 3, padding=1, bias=False)
+            init_conv(self.conv, init, mode="fan_out")
 
     def forward(self, x: torch.Tensor, edges: torch.Tensor) -> torch.Tensor:
-        e = F.interpolate(edges.to(x.dtype), size=x.shape[-2:], mode="area")
+        e = tf1.resize_bilinear(edges.to(x.dtype), x.shape[-2:], self.framework)
         if self.mode == "scale":
-            e = self.scale.view(1, -1, 1, 1).to(x.dtype) * e
-        elif self.mode == "conv3":
+            return e + x * self.scale.view(1, -1, 1, 1).to(x.dtype)
+        if self.mode == "conv3":
             e = self.conv(e).to(x.dtype)
         return x + e
 

@@ -4,7 +4,7 @@ A name is dot-separated tokens, exactly as in the log:
 
     deeplabv2.naked.fpn.learnable.sobel.channelwise.1order
     deeplabv2.naked.edge.learnable.sobel.channelwise.lr10.newcode
-    deeplabv2.cs.naked.fpn.lr10.scale8
+    deeplabv2.cs.resnet101.scale8(randomresizefix,full,aug,bs1,msf)
 
 The log's parenthesised form `deeplabv2.naked.fpn.standard(lr10,scale8)` is accepted too:
 the comma-separated words in the brackets are more tokens. Case is ignored.
@@ -14,16 +14,28 @@ Some tokens are read together with the next one:
 - `sobel.head` is the fixed Sobel after the stem; any other `sobel` is the fixed Sobel
   after res2 (`sobellast`: after res4; `sobel-res234`: after res2, res3 and res4);
 - `fpn.standard` (also `fpnstandard`) and `fpn.bilinear` are decoders;
-- `edge.conv3` is the edge input through a 3x3 conv; `edge` followed by `learnable`
-  names the script family of `naked.edge.learnable.sobel...`: those models did NOT use the
-  Canny edge input, so it sets no edge input (Variant.edge_family records it); any other
-  `edge` is the Canny edge map added after res2, res3 and res4.
+- `edge.conv3` is the edge input through a 3x3 conv; `edge` followed by `learnable` names
+  the script family of `naked.edge.learnable.sobel...`: those models did NOT use the Canny
+  edge input, so it sets no edge input (Variant.edge_family records it); any other `edge`
+  is the Canny edge map added after res2, res3 and res4.
 
-Model tokens choose the architecture; training tokens (lrN, scaleN, sizeS, bsN) override
-the study's values; `cs`/`voc` name the data set; `trimap`/`edgemix` are label modes.
-An unknown token, a lone half of a two-token name, or contradictory tokens (two
-decoders, 1order and 2order, channelwise and channelcross, ...) raise SegdistError with
-one line that lists the valid tokens.
+A Variant says only what its tokens say; segdist.recipe turns it and a study's values into
+the full recipe (what an absent token means depends on the protocol and the script family).
+Token groups:
+- decoders: naked, aspp, fpn, fpn.standard, fpn.bilinear, gcn, and `resnet101`: the plain
+  ResNet-101 (output stride 32) with a basic-block classifier of `deeplabv2.cs.resnet101.*`;
+- modules: learnable.sobel [channelwise|channelcross|resblock], sobel, sobellast, sobel.head,
+  sobel-res234, edge, edgescale, edge.conv3, spk, spk4, newcode (module on res5 as well);
+- module formulas: 1order, 2order, sqrt (learnable Sobel); square, sqrt (fixed Sobel); relu;
+  sobelinit;
+- training: lrN, scaleN, sizeS / imagesizeS, bsN (per GPU), Ngpu (workers), full (the
+  whole Cityscapes frame), aug (random resize with `full`), trimap, edgemix, rN;
+- data sets: voc, cs; markers without effect: deeplabv2, py, msf, randomresizefix (segdist
+  always resizes labels nearest and fixes that script's width/height swap).
+
+An unknown token, a lone half of a two-token name, or contradictory tokens (two decoders,
+1order and 2order, channelwise and channelcross, ...) raise SegdistError with one line that
+lists the valid tokens.
 """
 
 from __future__ import annotations
@@ -33,7 +45,7 @@ from dataclasses import dataclass
 
 from segdist.errors import SegdistError
 
-DECODERS = ("naked", "aspp", "fpn", "fpn.standard", "fpn.bilinear", "gcn")
+DECODERS = ("naked", "aspp", "fpn", "fpn.standard", "fpn.bilinear", "gcn", "plain")
 FPN_DECODERS = ("fpn", "fpn.standard", "fpn.bilinear", "gcn")  # multi-level, output stride 32
 LEARNABLE_KINDS = ("channelcross", "channelwise", "resblock")
 EDGE_INPUTS = ("add", "scale", "conv3")
@@ -41,11 +53,13 @@ LABEL_MODES = ("hard", "trimap", "edgemix")
 # Stages where modules can sit: after the stem pool, after res2..res5 (layer1..layer4).
 STAGES = ("stem", "res2", "res3", "res4", "res5")
 EDGE_STAGES = ("res2", "res3", "res4")
-# Tokens that carry no meaning for the model (the log's family prefixes and markers).
-NEUTRAL_TOKENS = ("deeplabv2", "resnet101", "py", "aug", "msf")
+# The script families of the original code base (reference/recipes.md): which defaults apply.
+FAMILIES = ("naked", "voc", "fpn", "plain")
+# Tokens that carry no meaning for the recipe (the log's family prefixes and markers).
+NEUTRAL_TOKENS = ("deeplabv2", "py", "msf", "randomresizefix")
 
 _NUMBERED = {
-    "lr": "head_lr_mult",
+    "lr": "lr_mult",
     "scale": "epoch_scale",
     "size": "crop_size",
     "imagesize": "crop_size",
@@ -53,31 +67,35 @@ _NUMBERED = {
     "r": "edgemix_radius",
 }
 _NUMBERED_RE = re.compile(r"^(lr|scale|imagesize|size|bs|r)(\d+)$")
+_GPU_RE = re.compile(r"^(\d+)gpu$")
 _FIXED_SOBEL = {"sobel": ("res2",), "sobellast": ("res4",), "sobel-res234": ("res2", "res3", "res4")}
 
 
 @dataclass(frozen=True)
 class Variant:
-    """What a variant name says. For training values, None means: the study's own value."""
+    """What a variant name says. None means: the token is absent (the recipe decides)."""
 
     name: str
     decoder: str = "naked"  # one of DECODERS
+    family: str = "naked"  # one of FAMILIES: fpn (FPN/GCN), plain (resnet101), voc (deeplabv2.voc.*), naked
     dataset: str | None = None  # "voc" | "cityscapes" | None
-    # training tokens (read by segdist.config.apply_variant_tokens)
-    head_lr_mult: float | None = None
-    epoch_scale: float | None = None
-    crop_size: int | None = None
-    batch_size: int | None = None
-    randomresizefix: bool = False  # labels resized nearest; segdist always does, so a no-op marker
-    full: bool = False  # `full`: train on the whole image (Cityscapes 1024x2048, bs1) instead of crops
+    # training tokens
+    lr_mult: float | None = None  # lrN: the multiplier of the modules the family's patterns name
+    epoch_scale: float | None = None  # scaleN: one epoch = N passes (per GPU)
+    crop_size: int | None = None  # sizeS / imagesizeS
+    batch_size: int | None = None  # bsN, per GPU
+    workers: int | None = None  # Ngpu
+    full: bool = False  # the whole 1024x2048 Cityscapes frame as the crop
+    aug: bool = False  # with `full`: random resize before the crop (without it: flip only)
+    randomresizefix: bool = False  # a marker: segdist always resizes labels nearest
+    newcode: bool = False  # learnable Sobel on res5 too (and, by date, no classifier bias)
     # learnable masked Sobel (`learnable.sobel`)
     learnable_sobel: str | None = None  # None | channelcross | channelwise | resblock
-    sobel_order: int = 2  # 1: l + c1 + c2; 2: l + c1^2 + c2^2 (the original's default)
+    learnable_sobel_at: tuple[str, ...] = ()  # stages, or ("laterals",) on FPN/GCN decoders
+    sobel_form: str | None = None  # 1order | 2order | sqrt (learnable); square | sqrt (fixed)
     sobel_relu: bool = False  # ReLU on c1, c2 before the sum
-    sobel_init: str = "random"  # "random" (the original's variance scaling) | "sobel" (token `sobelinit`)
-    learnable_sobel_at: tuple[str, ...] = ()  # stages (res2..res4, res5 with newcode) or ("laterals",)
-    newcode: bool = False
-    # fixed Sobel: stages where l + s*(gx^2 + gy^2) is applied
+    sobel_init: str = "random"  # "random" (the original's variance scaling) | "sobel" (`sobelinit`)
+    # fixed Sobel: stages where l + s * f(gx^2 + gy^2) is applied
     fixed_sobel_at: tuple[str, ...] = ()
     # Canny edge input
     edge_input: str | None = None  # None | add | scale | conv3
@@ -99,13 +117,13 @@ class Variant:
 
 def valid_tokens() -> list[str]:
     return [
-        *NEUTRAL_TOKENS, "newcode", "voc", "cs",
-        *DECODERS, "fpnstandard",
-        "learnable.sobel", *LEARNABLE_KINDS, "1order", "2order", "relu", "sobelinit",
+        *NEUTRAL_TOKENS, "newcode", "voc", "cs", "resnet101",
+        *(d for d in DECODERS if d != "plain"), "fpnstandard",
+        "learnable.sobel", *LEARNABLE_KINDS, "1order", "2order", "sqrt", "square", "relu", "sobelinit",
         "sobel", "sobellast", "sobel.head", "sobel-res234",
         "edge", "edgescale", "edge.conv3",
         "spk", "spk4", "trimap", "edgemix", "rN",
-        "lrN", "scaleN", "sizeS", "imagesizeS", "bsN", "randomresizefix", "full",
+        "lrN", "scaleN", "sizeS", "imagesizeS", "bsN", "Ngpu", "full", "aug",
     ]  # fmt: skip
 
 
@@ -123,130 +141,171 @@ def _tokens(name: str) -> list[str]:
     return tokens
 
 
+class _Parse:
+    """The state of one parse: fields set so far, and which token set each (for contradictions)."""
+
+    def __init__(self, name: str):
+        self.name = name
+        self.fields: dict[str, object] = {}
+        self.seen_from: dict[str, str] = {}
+        self.decoders: list[str] = []
+        self.fixed: list[str] = []
+        self.flags: set[str] = set()
+
+    def bad(self, token: str, why: str = "unknown token") -> SegdistError:
+        return SegdistError(f"{why} {token!r} in variant {self.name!r}; valid tokens: {', '.join(valid_tokens())}")
+
+    def put(self, key: str, value: object, token: str) -> None:
+        if key in self.fields and self.fields[key] != value:
+            raise SegdistError(
+                f"variant {self.name!r}: {self.seen_from[key]!r} and {token!r} contradict each other; "
+                f"valid tokens: {', '.join(valid_tokens())}"
+            )
+        self.fields[key], self.seen_from[key] = value, token
+
+    def token(self, token: str, after: str | None) -> int:
+        """Read one token (and maybe the next); returns how many were read."""
+        number, gpus = _NUMBERED_RE.match(token), _GPU_RE.match(token)
+        if number:
+            key, value = _NUMBERED[number.group(1)], int(number.group(2))
+            if value <= 0 and key != "edgemix_radius":
+                raise self.bad(token, "non-positive number in")
+            self.put(key, float(value) if key in ("lr_mult", "epoch_scale") else value, token)
+        elif gpus:
+            if int(gpus.group(1)) < 1:
+                raise self.bad(token, "non-positive number in")
+            self.put("workers", int(gpus.group(1)), token)
+        elif token in NEUTRAL_TOKENS:
+            if token == "randomresizefix":
+                self.fields["randomresizefix"] = True
+        elif token in ("newcode", "full", "aug"):
+            self.fields[token] = True
+        elif token in ("cs", "voc"):
+            self.put("dataset", "cityscapes" if token == "cs" else "voc", token)
+            self.flags.add(token)
+        elif token in ("naked", "aspp", "gcn"):
+            self.decoders.append(token)
+        elif token == "resnet101":
+            self.decoders.append("plain")
+        elif token == "fpn":
+            if after in ("standard", "bilinear"):
+                self.decoders.append(f"fpn.{after}")
+                return 2
+            self.decoders.append("fpn")
+        elif token == "fpnstandard":
+            self.decoders.append("fpn.standard")
+        elif token == "learnable":
+            if after != "sobel":
+                raise self.bad(token, "'learnable' must be followed by 'sobel':")
+            self.flags.add("learnable")
+            return 2
+        elif token in LEARNABLE_KINDS:
+            self.put("learnable_sobel", token, token)
+        elif token in ("1order", "2order", "sqrt", "square"):
+            self.put("sobel_form", token, token)
+        elif token == "relu":
+            self.fields["sobel_relu"] = True
+            self.flags.add(token)
+        elif token == "sobelinit":
+            self.fields["sobel_init"] = "sobel"
+            self.flags.add(token)
+        elif token == "sobel":
+            if after == "head":
+                self.fixed.append("stem")
+                return 2
+            self.fixed.extend(_FIXED_SOBEL["sobel"])
+        elif token in _FIXED_SOBEL:
+            self.fixed.extend(_FIXED_SOBEL[token])
+        elif token == "edge":
+            if after == "learnable":
+                self.fields["edge_family"] = True
+            elif after == "conv3":
+                self.put("edge_input", "conv3", "edge.conv3")
+                return 2
+            else:
+                self.put("edge_input", "add", token)
+        elif token == "edgescale":
+            self.put("edge_input", "scale", token)
+        elif token in ("spk", "spk4"):
+            self.put("spk", 2 if token == "spk" else 4, token)
+        elif token in ("trimap", "edgemix"):
+            self.put("label_mode", token, token)
+        else:
+            raise self.bad(token)
+        return 1
+
+
 def parse_variant(name: str) -> Variant:
     """Parse once; raise SegdistError naming the bad token and the valid ones."""
     if not isinstance(name, str):
         raise SegdistError(f"variant must be a string, got {name!r}")
     tokens = _tokens(name)
-    fields: dict[str, object] = {}
-    seen_from: dict[str, str] = {}  # field -> the token that set it (for contradictions)
-    decoders: list[str] = []
-    fixed: list[str] = []
-    flags: set[str] = set()
-
-    def bad(token: str, why: str = "unknown token") -> SegdistError:
-        return SegdistError(f"{why} {token!r} in variant {name!r}; valid tokens: {', '.join(valid_tokens())}")
-
-    def put(key: str, value: object, token: str) -> None:
-        if key in fields and fields[key] != value:
-            raise SegdistError(
-                f"variant {name!r}: {seen_from[key]!r} and {token!r} contradict each other; "
-                f"valid tokens: {', '.join(valid_tokens())}"
-            )
-        fields[key], seen_from[key] = value, token
-
+    state = _Parse(name)
     i = 0
     while i < len(tokens):
-        token, after = tokens[i], tokens[i + 1] if i + 1 < len(tokens) else None
-        step = 1
-        number = _NUMBERED_RE.match(token)
-        if number:
-            key = _NUMBERED[number.group(1)]
-            value = int(number.group(2))
-            if value <= 0 and key != "edgemix_radius":
-                raise bad(token, "non-positive number in")
-            put(key, float(value) if key in ("head_lr_mult", "epoch_scale") else value, token)
-        elif token in NEUTRAL_TOKENS:
-            pass
-        elif token == "newcode":
-            fields["newcode"] = True
-        elif token in ("cs", "voc"):
-            put("dataset", "cityscapes" if token == "cs" else "voc", token)
-        elif token == "naked" or token in ("aspp", "gcn"):
-            decoders.append(token)
-        elif token == "fpn":
-            if after in ("standard", "bilinear"):
-                decoders.append(f"fpn.{after}")
-                step = 2
-            else:
-                decoders.append("fpn")
-        elif token == "fpnstandard":
-            decoders.append("fpn.standard")
-        elif token == "learnable":
-            if after != "sobel":
-                raise bad(token, "'learnable' must be followed by 'sobel':")
-            flags.add("learnable")
-            step = 2
-        elif token in LEARNABLE_KINDS:
-            put("learnable_sobel", token, token)
-        elif token in ("1order", "2order"):
-            put("sobel_order", int(token[0]), token)
-        elif token == "relu":
-            fields["sobel_relu"] = True
-            flags.add("relu")
-        elif token == "sobelinit":
-            fields["sobel_init"] = "sobel"
-            flags.add("sobelinit")
-        elif token == "sobel":
-            if after == "head":
-                fixed.append("stem")
-                step = 2
-            else:
-                fixed.extend(_FIXED_SOBEL["sobel"])
-        elif token in _FIXED_SOBEL:
-            fixed.extend(_FIXED_SOBEL[token])
-        elif token == "edge":
-            if after == "learnable":
-                fields["edge_family"] = True
-            elif after == "conv3":
-                put("edge_input", "conv3", "edge.conv3")
-                step = 2
-            else:
-                put("edge_input", "add", token)
-        elif token == "edgescale":
-            put("edge_input", "scale", token)
-        elif token in ("spk", "spk4"):
-            put("spk", 2 if token == "spk" else 4, token)
-        elif token in ("trimap", "edgemix"):
-            put("label_mode", token, token)
-        elif token in ("randomresizefix", "full"):
-            fields[token] = True
-        else:
-            raise bad(token)
-        i += step
+        i += state.token(tokens[i], tokens[i + 1] if i + 1 < len(tokens) else None)
+    fields = state.fields
+    fields["decoder"] = decoder = _decoder(state)
+    fields["family"] = _family(decoder, state)
+    _check_modules(state, decoder)
+    fields["fixed_sobel_at"] = tuple(s for s in STAGES if s in state.fixed)
+    return Variant(name=name, **fields)  # type: ignore[arg-type]
 
-    if len(set(decoders) - {"naked"}) > 1 or ("naked" in decoders and "aspp" in decoders):
+
+def _decoder(state: _Parse) -> str:
+    named = list(dict.fromkeys(state.decoders))
+    if len(set(named) - {"naked"}) > 1 or ("naked" in named and ("aspp" in named or "plain" in named)):
         raise SegdistError(
-            f"variant {name!r} names more than one decoder: {', '.join(dict.fromkeys(decoders))}; "
+            f"variant {state.name!r} names more than one decoder: {', '.join(named)}; "
             f"valid tokens: {', '.join(valid_tokens())}"
         )
-    decoder = next((d for d in decoders if d != "naked"), "naked")
-    fields["decoder"] = decoder
+    return next((d for d in named if d != "naked"), "naked")
 
-    learnable = "learnable" in flags
-    kind = fields.get("learnable_sobel")
-    for key, token_name in (("learnable_sobel", kind), ("sobel_order", seen_from.get("sobel_order"))):
-        if key in fields and not learnable:
-            raise SegdistError(
-                f"variant {name!r}: {token_name!r} only means something with 'learnable.sobel'; "
-                f"valid tokens: {', '.join(valid_tokens())}"
-            )
-    if "relu" in flags and not learnable:
+
+def _family(decoder: str, state: _Parse) -> str:
+    if decoder in FPN_DECODERS:
+        return "fpn"
+    if decoder == "plain":
+        return "plain"
+    if not state.decoders and "voc" in state.flags:
+        return "voc"  # deeplabv2.voc.* (experiments/): the naked model from another file
+    return "naked"
+
+
+def _check_modules(state: _Parse, decoder: str) -> None:
+    """Tokens that need another token, and the learnable Sobel's placement."""
+    fields, name = state.fields, state.name
+    learnable = "learnable" in state.flags
+    form = fields.get("sobel_form")
+    for token in (fields.get("learnable_sobel"), form if form in ("1order", "2order") else None):
+        if token is not None and not learnable:
+            raise SegdistError(f"variant {name!r}: {token!r} only means something with 'learnable.sobel'; "
+                               f"valid tokens: {', '.join(valid_tokens())}")
+    if form == "square" and not state.fixed:
+        raise SegdistError(f"variant {name!r}: 'square' only means something with a fixed 'sobel'")
+    if form == "sqrt" and not (learnable or state.fixed):
+        raise SegdistError(f"variant {name!r}: 'sqrt' only means something with 'learnable.sobel' or 'sobel'")
+    if form == "sqrt" and learnable and state.fixed:
+        raise SegdistError(f"variant {name!r}: 'sqrt' is ambiguous with both a learnable and a fixed Sobel")
+    if "relu" in state.flags and not learnable:
         raise SegdistError(f"variant {name!r}: 'relu' only means something with 'learnable.sobel'")
-    if "sobelinit" in flags and not (learnable or "spk" in fields):
+    if "sobelinit" in state.flags and not (learnable or "spk" in fields):
         raise SegdistError(f"variant {name!r}: 'sobelinit' only means something with 'learnable.sobel', 'spk' or 'spk4'")
     if learnable:
-        kind = kind or "channelcross"
-        fields["learnable_sobel"] = kind
-        if kind == "resblock" and ("relu" in flags or "sobelinit" in flags):
+        kind = fields.setdefault("learnable_sobel", "channelcross")
+        if kind == "resblock" and ({"relu", "sobelinit"} & state.flags or form == "sqrt"):
             raise SegdistError(
-                f"variant {name!r}: 'resblock' replaces the masked convs, so 'relu'/'sobelinit' contradict it"
+                f"variant {name!r}: 'resblock' replaces the masked convs, so 'relu'/'sobelinit'/'sqrt' contradict it"
             )
         if decoder in FPN_DECODERS:
             fields["learnable_sobel_at"] = ("laterals",)
         else:
-            fields["learnable_sobel_at"] = ("res2", "res3", "res4", "res5") if fields.get("newcode") else ("res2", "res3", "res4")
+            fields["learnable_sobel_at"] = ("res2", "res3", "res4", "res5") if fields.get("newcode") else (
+                "res2", "res3", "res4")
     if "edgemix_radius" in fields and fields.get("label_mode") != "edgemix":
-        raise SegdistError(f"variant {name!r}: {seen_from['edgemix_radius']!r} (window radius) needs 'edgemix'")
-    fields["fixed_sobel_at"] = tuple(s for s in STAGES if s in fixed)
-    return Variant(name=name, **fields)  # type: ignore[arg-type]
+        raise SegdistError(f"variant {name!r}: {state.seen_from['edgemix_radius']!r} (window radius) needs 'edgemix'")
+    if fields.get("aug") and not fields.get("full"):
+        raise SegdistError(f"variant {name!r}: 'aug' only means something with 'full' (crops always get random resize)")
+    if fields.get("full") and "crop_size" in fields:
+        raise SegdistError(f"variant {name!r}: 'full' (the whole frame) and {state.seen_from['crop_size']!r} "
+                           "contradict each other")
