@@ -236,14 +236,25 @@ class TimedLoader:
         return out
 
 
+def optimizer_and_schedule(module, trial, total_steps: int):
+    """The trial recipe's optimizer (segdist.optim.make_optimizer) with a poly schedule over
+    `total_steps`: the bench times steps, whatever schedule the recipe names."""
+    import torch
+
+    from segdist.optim import make_optimizer
+
+    optimizer = make_optimizer(module, trial.recipe.train)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: max(0.0, 1 - s / total_steps) ** 0.9)
+    return optimizer, scheduler
+
+
 def run_steps(model, loader, trial, options, warmup: int, images_per_step: int, total_steps: int | None = None):
     """segdist.train.train_one_epoch over `loader` (timed): the steady-state figures."""
-    from segdist.train import make_optimizer, poly_schedule, train_one_epoch
+    from segdist.train import train_one_epoch
 
     module = getattr(model, "_orig_mod", model)  # torch.compile's wrapper
     module = getattr(module, "module", module)  # DDP's
-    optimizer = make_optimizer(module, trial)
-    scheduler = poly_schedule(optimizer, total_steps or len(loader), trial.train.poly_power)
+    optimizer, scheduler = optimizer_and_schedule(module, trial, total_steps or len(loader))
     timed = TimedLoader(loader)
     train_one_epoch(model, timed, optimizer, scheduler, options, epoch=0)
     end, end_cpu = time.perf_counter(), time.process_time()
@@ -252,14 +263,15 @@ def run_steps(model, loader, trial, options, warmup: int, images_per_step: int, 
     return result
 
 
-def _fixed_batches(batch: int, size: int, classes: int, steps: int, device=None):
+def _fixed_batches(batch: int, size, classes: int, steps: int, device=None):
     """The same random batch `steps` times (a loader with no data cost), in train_loader's
-    format (uint8 [B, h, w, 4] images, uint8 targets)."""
+    format (uint8 [B, h, w, 4] images, uint8 targets); size S or (h, w)."""
     import torch
 
+    h, w = (size, size) if isinstance(size, int) else size
     g = torch.Generator().manual_seed(0)
-    images = torch.randint(0, 256, (batch, size, size, 4), generator=g, dtype=torch.uint8)
-    targets = torch.randint(0, classes, (batch, size, size), generator=g, dtype=torch.uint8)
+    images = torch.randint(0, 256, (batch, h, w, 4), generator=g, dtype=torch.uint8)
+    targets = torch.randint(0, classes, (batch, h, w), generator=g, dtype=torch.uint8)
     if device is not None:
         images, targets = images.to(device), targets.to(device)
     return [(images, targets)] * steps
@@ -410,10 +422,9 @@ def _measure_data(args) -> dict:
         def shards() -> int:
             loader = train_loader(
                 info,
+                transform=transform,
                 batch_size=args.batch_size,
                 batches_per_epoch=n_batches,
-                crop_size=args.crop,
-                scale_range=tuple(args.scale_range),
                 seed=0,
                 epoch=0,
                 rank=0,
@@ -515,19 +526,22 @@ def _add_train(sub) -> argparse.ArgumentParser:
     return p
 
 
-def _big_trial(args, base):
-    return dataclasses.replace(
-        base,
-        model=dataclasses.replace(base.model, variant="naked", depth=args.depth, width=args.width, output_stride=8),
-        train=dataclasses.replace(base.train, batch_size=args.batch_size, crop_size=args.crop, lr=2.5e-4),
-    )
+def _big_trial(base, depth: int, width: int, batch: int = 2, crop: int = 321):
+    """`base` with the DeepLab-protocol naked ResNet (output stride 8) the bench measures."""
+    from segdist.recipe import resolve_recipe
+
+    recipe = resolve_recipe({
+        "model.variant": "naked", "model.depth": depth, "model.width": width, "model.output_stride": 8,
+        "train.batch_size": batch, "train.crop_size": (crop, crop), "train.lr": 2.5e-4,
+    }, "deeplab", "bench")
+    return dataclasses.replace(base, recipe=recipe)
 
 
 def _run_train(args) -> dict:
     import torch
 
     from segdist.models import build_model
-    from segdist.train import StepOptions, make_optimizer, poly_schedule, train_one_epoch
+    from segdist.train import StepOptions, train_one_epoch
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -543,9 +557,9 @@ def _run_train(args) -> dict:
         "step_statistic": "fastest timed step (as the best-of roofline), precisions alternating step by step; "
                           "median_step_s_* beside it",
     }
-    trial = _big_trial(args, quickstart_trial())
+    trial = _big_trial(quickstart_trial(), args.depth, args.width, args.batch_size, args.crop)
     torch.manual_seed(0)
-    model = build_model(trial.model, args.classes)
+    model = build_model(trial.recipe.model, args.classes)
     flops = train_flops_per_image(model, args.crop, args.classes)
     result["gflops_per_image_fwd_bwd"] = round(flops / 1e9, 2)
     runs = [("fp32", False, False), ("bf16", True, False)]
@@ -558,8 +572,7 @@ def _run_train(args) -> dict:
         net = copy.deepcopy(model)
         if channels_last:
             net = net.to(memory_format=torch.channels_last)
-        optimizer = make_optimizer(net, trial)
-        scheduler = poly_schedule(optimizer, args.warmup + args.steps, trial.train.poly_power)
+        optimizer, scheduler = optimizer_and_schedule(net, trial, args.warmup + args.steps)
         states[name] = (net, optimizer, scheduler, StepOptions(device=cpu, bf16=bf16, channels_last=channels_last))
     model = None
     (batch,) = _fixed_batches(args.batch_size, args.crop, args.classes, 1)
@@ -605,6 +618,7 @@ def _quickstart_step(args) -> dict:
     import torch
 
     from segdist.data.stream import read_dataset_info, train_loader
+    from segdist.data.transforms import TrainTransform
     from segdist.models import build_model
     from segdist.train import StepOptions
 
@@ -614,19 +628,20 @@ def _quickstart_step(args) -> dict:
         shards = _synthetic_shards(tmp, args.samples, 96, 128)
         trial = quickstart_trial(shards)
         info = read_dataset_info(shards)
-        qs_threads = trial.resources.cpus_per_worker
+        qs_threads = trial.recipe.resources.cpus_per_worker
         torch.set_num_threads(qs_threads)
-        t = trial.train
+        t, m = trial.recipe.train, trial.recipe.model
         out.update({
-            "quickstart_model": f"naked ResNet-{trial.model.depth} width {trial.model.width} "
-                                f"OS {trial.model.output_stride}, crop {t.crop_size}, batch {t.batch_size}",
+            "quickstart_model": f"naked ResNet-{m.depth} width {m.width} "
+                                f"OS {m.output_stride}, crop {t.crop_size[0]}, batch {t.batch_size}",
             "quickstart_threads": qs_threads,
             "quickstart_loader_workers": trial.data.loader_workers,
             "quickstart_steps": args.quickstart_steps,
         })
         n = args.quickstart_warmup + args.quickstart_steps
         torch.manual_seed(0)
-        model = build_model(trial.model, info.num_classes)
+        model = build_model(m, info.num_classes)
+        transform = TrainTransform.from_recipe(t, info.num_classes, edges=False)
         initial = copy.deepcopy(model.state_dict())
         options = StepOptions(device=torch.device("cpu"))
         fixed = run_steps(model, _fixed_batches(t.batch_size, t.crop_size, info.num_classes, n), trial, options,
@@ -637,7 +652,7 @@ def _quickstart_step(args) -> dict:
                                t.batch_size)
         model.load_state_dict(initial)
         loader = train_loader(
-            info, batch_size=t.batch_size, batches_per_epoch=n, crop_size=t.crop_size, scale_range=t.scale_range,
+            info, transform=transform, batch_size=t.batch_size, batches_per_epoch=n,
             seed=0, epoch=0, rank=0, world_size=1, loader_workers=trial.data.loader_workers,
             shuffle_buffer=trial.data.shuffle_buffer,
         )
@@ -645,8 +660,8 @@ def _quickstart_step(args) -> dict:
         # what one core of the pipeline delivers for this config (in-process, one thread)
         def pipeline() -> int:
             loader = train_loader(
-                info, batch_size=t.batch_size, batches_per_epoch=max(1, info.num_samples // t.batch_size),
-                crop_size=t.crop_size, scale_range=t.scale_range, seed=0, epoch=0, rank=0, world_size=1,
+                info, transform=transform, batch_size=t.batch_size,
+                batches_per_epoch=max(1, info.num_samples // t.batch_size), seed=0, epoch=0, rank=0, world_size=1,
                 loader_workers=0,
             )
             return sum(images.shape[0] for images, _ in loader)
@@ -681,19 +696,20 @@ def dist_loop(spec: dict[str, Any], rank: int, world_size: int) -> dict[str, Any
 
     from segdist.config import trial_from_dict
     from segdist.data.stream import read_dataset_info, train_loader
+    from segdist.data.transforms import TrainTransform
     from segdist.models import build_model
     from segdist.train import StepOptions
 
     torch.set_num_threads(spec["threads"])
     trial = trial_from_dict(spec["trial"])
     info = read_dataset_info(trial.data.train_shards)
-    torch.manual_seed(trial.train.seed)
-    model = build_model(trial.model, info.num_classes)
+    torch.manual_seed(trial.seed)
+    model = build_model(trial.recipe.model, info.num_classes)
     net = DistributedDataParallel(model) if world_size > 1 else model
-    t = trial.train
+    t = trial.recipe.train
     loader = train_loader(
-        info, batch_size=t.batch_size, batches_per_epoch=spec["steps"], crop_size=t.crop_size,
-        scale_range=t.scale_range, seed=t.seed, epoch=0, rank=rank, world_size=world_size,
+        info, transform=TrainTransform.from_recipe(t, info.num_classes, edges=False), batch_size=t.batch_size,
+        batches_per_epoch=spec["steps"], seed=trial.seed, epoch=0, rank=rank, world_size=world_size,
         loader_workers=trial.data.loader_workers, shuffle_buffer=trial.data.shuffle_buffer,
     )
     result = run_steps(net, loader, trial, StepOptions(device=torch.device("cpu")), spec["warmup"],
@@ -801,7 +817,7 @@ def _dist_spec(args, shards: str) -> dict[str, Any]:
         "trial": dataclasses.asdict(trial),
         "steps": args.warmup + args.steps,
         "warmup": args.warmup,
-        "threads": trial.resources.cpus_per_worker,
+        "threads": trial.recipe.resources.cpus_per_worker,
     }
 
 
@@ -889,9 +905,10 @@ def _run_ray(args) -> dict:
         "steps": args.steps,
         "warmup_steps": args.warmup,
         "rounds": args.rounds,
-        "model": f"naked ResNet-{trial.model.depth} width {trial.model.width} OS {trial.model.output_stride}",
-        "crop": trial.train.crop_size,
-        "batch_size_per_worker": trial.train.batch_size,
+        "model": f"naked ResNet-{trial.recipe.model.depth} width {trial.recipe.model.width} "
+                 f"OS {trial.recipe.model.output_stride}",
+        "crop": trial.recipe.train.crop_size[0],
+        "batch_size_per_worker": trial.recipe.train.batch_size,
         "threads_per_worker": spec["threads"],
         "loader_workers_per_worker": trial.data.loader_workers,
         "data": "synthetic shards (generated)",
@@ -944,9 +961,10 @@ def _run_scale(args) -> dict:
         "warmup_steps": args.warmup,
         "rounds": args.rounds,
         "runner": "plain torch.distributed (gloo, spawned processes)",
-        "model": f"naked ResNet-{trial.model.depth} width {trial.model.width} OS {trial.model.output_stride}",
-        "crop": trial.train.crop_size,
-        "batch_size_per_worker": trial.train.batch_size,
+        "model": f"naked ResNet-{trial.recipe.model.depth} width {trial.recipe.model.width} "
+                 f"OS {trial.recipe.model.output_stride}",
+        "crop": trial.recipe.train.crop_size[0],
+        "batch_size_per_worker": trial.recipe.train.batch_size,
         "threads_per_worker": spec["threads"],
         "loader_workers_per_worker": trial.data.loader_workers,
         "cores": os.cpu_count(),
@@ -1007,7 +1025,8 @@ def measure_mode(cpu_model, trial, mode: str, size: int, batch: int, steps: int,
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     net = torch.compile(model) if mode.endswith("compile") else model
-    step_trial = dataclasses.replace(trial, train=dataclasses.replace(trial.train, batch_size=batch, crop_size=size))
+    train = dataclasses.replace(trial.recipe.train, batch_size=batch, crop_size=(size, size))
+    step_trial = dataclasses.replace(trial, recipe=dataclasses.replace(trial.recipe, train=train))
     options = StepOptions(device=device, bf16=bf16, channels_last=channels_last)
     if cuda:
         torch.cuda.empty_cache()
@@ -1044,9 +1063,7 @@ def _run_gpu(args) -> dict:
     peak = gpu_peak(name)
     tf32 = _tf32_convs()
     base = quickstart_trial()
-    trial = dataclasses.replace(
-        base, model=dataclasses.replace(base.model, variant="naked", depth=args.depth, width=64, output_stride=8),
-    )
+    trial = _big_trial(base, args.depth, 64)
     result: dict[str, Any] = {
         "gpu": name,
         "peak_table_row": peak[0] if peak else None,
@@ -1060,7 +1077,7 @@ def _run_gpu(args) -> dict:
     torch.backends.cudnn.benchmark = True
     for size, batch in zip(args.sizes, args.batch_sizes, strict=True):
         torch.manual_seed(0)
-        cpu_model = build_model(trial.model, args.classes)
+        cpu_model = build_model(trial.recipe.model, args.classes)
         flops = train_flops_per_image(cpu_model, size, args.classes)
         result[f"gflops_per_image_fwd_bwd_{size}"] = round(flops / 1e9, 2)
         for mode in args.modes:

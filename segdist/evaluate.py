@@ -360,18 +360,19 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
 
 def model_from_checkpoint(state: dict[str, Any], where: str):
     """(model with the checkpoint's weights, TrialConfig, classes) — the model rebuilt from
-    the checkpoint's own trial config and class list."""
+    the checkpoint's own recipe and class list."""
     from segdist.config import trial_from_dict
     from segdist.models import build_model
 
     try:
         trial = trial_from_dict(state["trial"])
     except (KeyError, TypeError, ValueError, SegdistError) as err:
-        raise SegdistError(f"{where}: cannot rebuild the trial config ({type(err).__name__}: {err})") from None
+        raise SegdistError(f"{where}: cannot rebuild the trial's recipe ({type(err).__name__}: {err}); "
+                           "was it written by an older segdist?") from None
     classes = list(state["classes"])
     try:
         # the weights come from the checkpoint: never load the ImageNet file it started from
-        model = build_model(dataclasses.replace(trial.model, pretrained=None), len(classes))
+        model = build_model(trial.recipe.model, len(classes), load_pretrained=False)
     except SegdistError as err:
         raise SegdistError(f"{where}: {err}") from None
     weights = state["model"]
@@ -391,8 +392,8 @@ def model_from_checkpoint(state: dict[str, Any], where: str):
                 f"{len(shapes)} of another shape (e.g. {k}: {list(weights[k].shape)} vs {list(own[k].shape)})"
             )
         raise SegdistError(
-            f"{where}: weights do not fit variant {trial.model.variant!r} (depth {trial.model.depth}, width "
-            f"{trial.model.width}) with {len(classes)} classes: " + ", ".join(details)
+            f"{where}: weights do not fit variant {trial.recipe.model.variant!r} (depth {trial.recipe.model.depth}, "
+            f"width {trial.recipe.model.width}) with {len(classes)} classes: " + ", ".join(details)
         )
     model.load_state_dict(weights)
     return model, trial, classes
@@ -632,15 +633,15 @@ def benchmark(
 ) -> dict[str, Any]:
     """Seconds per image for whole-image inference, MSF (scales + flip, sliding tiles) and
     DenseCRF (DeepLab defaults) on random images with a randomly initialised model."""
-    from segdist.config import ModelConfig
     from segdist.crf import CrfParams, CrfPool
     from segdist.models import build_model
+    from segdist.recipe import resolve_recipe
 
     torch.manual_seed(seed)
     device_t = torch.device(device)
-    model = build_model(
-        ModelConfig(variant=variant, depth=depth, width=width, output_stride=output_stride), num_classes
-    )
+    recipe = resolve_recipe({"model.variant": variant, "model.depth": depth, "model.width": width,
+                             "model.output_stride": output_stride}, "deeplab", "benchmark")
+    model = build_model(recipe.model, num_classes)
     model = model.to(device_t).eval()
     height, width = size
     gen = torch.Generator().manual_seed(seed)
@@ -759,12 +760,14 @@ def build_parser() -> argparse.ArgumentParser:
                       "(output stride 8, 21 classes), then exit")
     ck = parser.add_argument_group("checkpoint scoring")
     ck.add_argument("--shards", help="validation shard folder or URL (with dataset.json)")
-    ck.add_argument("--scales", type=_float_list, default=(1.0,),
-                    help="comma-separated scales, e.g. 0.5,0.75,1,1.25,1.5 (default: 1)")
-    ck.add_argument("--flip", action="store_true", help="also average the left-right mirrored prediction")
+    ck.add_argument("--scales", type=_float_list, default=None,
+                    help="comma-separated scales, e.g. 0.5,0.75,1,1.25,1.5 (default: the checkpoint's recipe, "
+                    "eval.scales)")
+    ck.add_argument("--flip", action=argparse.BooleanOptionalAction, default=None,
+                    help="also average the left-right mirrored prediction (default: the recipe's eval.flip)")
     ck.add_argument("--tile", type=int, default=None,
                     help="sliding-window tile size in pixels (1/3 overlap); 0 = whole image per scale "
-                    "(default: the checkpoint's training crop size)")
+                    "(default: the recipe's eval.tile)")
     ck.add_argument("--tile-batch", type=int, default=4, help="tiles per forward pass (default 4)")
     ck.add_argument("--crf", action="store_true", help="DenseCRF on the MSF probabilities")
     ck.add_argument("--crf-param", type=_key_value, action="append", default=[], metavar="KEY=VALUE",
@@ -788,9 +791,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="VOC: score only the names in this list (e.g. ImageSets/Segmentation/val.txt); "
                     "default: every PNG below --gt-dir")
     common = parser.add_argument_group("output")
-    common.add_argument("--boundary", type=_int_list, nargs="?", const=DEFAULT_KERNELS, default=(),
+    common.add_argument("--boundary", type=_int_list, nargs="?", const=DEFAULT_KERNELS, default=None,
                         metavar="K,K,...", help="boundary/inner statistics for these odd kernel sizes "
-                        "(--boundary alone: 11,15,19)")
+                        "(--boundary alone: 11,15,19; default: none, or the checkpoint recipe's "
+                        "eval.boundary_kernels)")
     common.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     return parser
 
@@ -822,13 +826,16 @@ def _run_checkpoint(args) -> dict[str, Any]:
     crf = CrfParams.from_dict(dict(args.crf_param), "--crf-param") if args.crf else None
     if args.crf_param and not args.crf:
         raise SegdistError("--crf-param given without --crf")
-    kernels = check_kernels(args.boundary)
     device = _pick_device(args.device)
     info = read_dataset_info(args.shards)
     state = load_checkpoint(args.checkpoint)
     model, trial, classes = model_from_checkpoint(state, args.checkpoint)
     check_classes_match(classes, info, args.checkpoint)
-    tile = trial.train.crop_size if args.tile is None else args.tile
+    recipe = trial.recipe.eval  # what the flags do not say, the checkpoint's recipe does
+    scales = recipe.scales if args.scales is None else args.scales
+    flip = recipe.flip if args.flip is None else args.flip
+    tile = recipe.tile if args.tile is None else (args.tile, args.tile) if args.tile else None
+    kernels = check_kernels(recipe.boundary_kernels if args.boundary is None else args.boundary)
     model = model.to(device).eval()
     loader = val_loader(
         info, rank=0, world_size=1, loader_workers=args.loader_workers,
@@ -841,7 +848,7 @@ def _run_checkpoint(args) -> dict[str, Any]:
             write_prediction_png(args.save_pred, key, pred, info.dataset)
 
     common = dict(
-        scales=args.scales, flip=args.flip, boundary_kernels=kernels, tile_size=tile or None,
+        scales=scales, flip=flip, boundary_kernels=kernels, tile_size=tile,
         tile_batch=args.tile_batch, crf=crf, crf_workers=args.crf_workers,
         examples=4 if args.pictures else 0, amp_dtype=amp, limit=args.limit, on_prediction=on_prediction,
     )
@@ -858,10 +865,10 @@ def _run_checkpoint(args) -> dict[str, Any]:
             "checkpoint": str(args.checkpoint),
             "shards": str(args.shards),
             "dataset": info.dataset,
-            "variant": trial.model.variant,
-            "scales": list(args.scales),
-            "flip": bool(args.flip),
-            "tile_size": tile or None,
+            "variant": trial.recipe.model.variant,
+            "scales": list(scales),
+            "flip": bool(flip),
+            "tile_size": list(tile) if tile else None,
             "crf": dataclasses.asdict(crf) if crf is not None else None,
             "seconds_per_image": round(elapsed / max(result.num_images, 1), 4),
         }
@@ -898,7 +905,7 @@ def main(argv: list[str] | None = None) -> int:
         if not args.gt_dir or not args.dataset:
             raise SegdistError("--pred-dir needs --gt-dir and --dataset voc|cityscapes")
         summary = score_folders(
-            args.pred_dir, args.gt_dir, args.dataset, boundary_kernels=args.boundary, id_list=args.id_list
+            args.pred_dir, args.gt_dir, args.dataset, boundary_kernels=args.boundary or (), id_list=args.id_list
         )
     else:
         summary = _run_checkpoint(args)

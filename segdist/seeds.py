@@ -66,9 +66,9 @@ class SeedScheduler:
         self.running.discard(trial_key(trial))
         state = self.configs[trial.config_id]
         if value is None:
-            state.failed.add(trial.train.seed)
+            state.failed.add(trial.seed)
         else:
-            state.values[trial.train.seed] = value
+            state.values[trial.seed] = value
 
     def done(self) -> bool:
         if self.queue or self.running:

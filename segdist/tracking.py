@@ -298,7 +298,7 @@ class MlflowTrialCallback(Callback):
         config = trial.config["trial"]
         key = config["trial_key"]
         previous = self.existing.get(key)
-        name = f"{config['model']['variant']}-{config['config_id']}-seed{config['train']['seed']}"
+        name = f"{config['recipe']['model']['variant']}-{config['config_id']}-seed{config['seed']}"
         run_id = previous.info.run_id if previous is not None else None
         self.runs[trial.trial_id] = self.tracker.start_trial(name, key, config["flat"], run_id=run_id)
         if previous is not None:
@@ -365,7 +365,7 @@ class MlflowTrialCallback(Callback):
         handle = self.runs[trial.trial_id]
         config = trial.config["trial"]
         last = self.last_result.get(trial.trial_id, {})
-        completed = last.get("epoch", -1) >= config["train"]["epochs"] - 1
+        completed = last.get("epoch", -1) >= config["recipe"]["train"]["epochs"] - 1
         try:
             with tempfile.TemporaryDirectory() as scratch:
                 local = copy_best_checkpoint(self.checkpoints.get(trial.trial_id, []), self.storage, Path(scratch))

@@ -31,6 +31,7 @@ from segdist.config import (
     trial_key,
 )
 from segdist.errors import SegdistError, exit_on_user_error
+from segdist.recipe import show
 
 DEFAULT_SPACE = Path(__file__).resolve().parent.parent / "tune_spaces" / "quickstart.yaml"
 SMOKE_SHARDS = ("shards/smoke/train", "shards/smoke/val")
@@ -60,6 +61,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "configuration, on the generated data set")
     parser.add_argument("--dry-run", action="store_true",
                         help="print the trials the study would start with and exit")
+    parser.add_argument("--explain", action="store_true",
+                        help="print every configuration's resolved recipe (what each configuration trains, "
+                        "with which data and evaluation) as a table, then run (with --dry-run: then exit)")
     return parser.parse_args(argv)
 
 
@@ -68,35 +72,52 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def absolute_paths(study: StudyConfig) -> StudyConfig:
     """Ray runs trials in other working directories: pin relative data paths to the cwd."""
-    data = study.base.data
+    data = study.data
     fixed = {
         key: str(Path(value).resolve())
         for key, value in dataclasses.asdict(data).items()
         if key in ("train_shards", "val_shards", "synthetic_root")
         and isinstance(value, str) and "://" not in value
     }
-    base = dataclasses.replace(study.base, data=dataclasses.replace(data, **fixed))
-    return dataclasses.replace(study, base=base)
+    return dataclasses.replace(study, data=dataclasses.replace(data, **fixed))
 
 
 def prepare_data(study: StudyConfig) -> None:
     """Make the generated data set and its shards if the study asks for them, then check
-    that both splits are readable — before any Ray process starts."""
+    that every configuration's splits are readable and are what its recipe trains on (data
+    set, image list) — before any Ray process starts."""
     from segdist.data.prepare import prepare_synthetic
     from segdist.data.stream import read_dataset_info
-    from segdist.models.variant import parse_variant
 
-    data = study.base.data
+    data = study.data
     if data.synthetic_root:
         prepare_synthetic(data.synthetic_root, data.train_shards, data.val_shards)
-    train_info, _ = (read_dataset_info(split) for split in (data.train_shards, data.val_shards))
-    if study.smoke:
-        return  # smoke runs every variant on the generated set, `cs` ones too
+    val_info = read_dataset_info(data.val_shards)
     for config in expand_configs(study):
-        wants = parse_variant(config.model.variant).dataset
-        if wants and wants != train_info.dataset:
-            raise SegdistError(f"{study.path}: variant {config.model.variant!r} is for {wants} but "
-                               f"{data.train_shards} holds {train_info.dataset} shards")
+        info = read_dataset_info(config.data.train_shards)
+        train, variant = config.recipe.train, config.recipe.model.variant
+        if study.smoke or train.dataset is None:
+            continue  # smoke runs every variant on the generated set, `cs` ones too
+        for split in (info, val_info):
+            if split.dataset != train.dataset:
+                raise SegdistError(f"{study.path}: variant {variant!r} is for {train.dataset} but "
+                                   f"{split.root} holds {split.dataset} shards")
+        if info.split in ("train", "train_aug") and info.split != train.train_list:
+            raise SegdistError(f"{study.path}: variant {variant!r} trains on the {train.train_list} list but "
+                               f"{info.root} holds split {info.split} (use data.train_shards: "
+                               f".../{{train_list}})")
+
+
+def prepare_weights(study: StudyConfig) -> None:
+    """Every configuration's ImageNet weights, fetched here once (a wrong hash, a missing file
+    or an unreachable URL is one line before any training; workers on other nodes fetch their
+    own copy once per node)."""
+    from segdist.models.pretrained import check_pretrained_spec, fetch_pretrained
+
+    for spec, depth in sorted({(c.recipe.model.pretrained, c.recipe.model.depth) for c in expand_configs(study)
+                               if c.recipe.model.pretrained}):
+        check_pretrained_spec(spec, depth, f"{study.path}: model.pretrained")
+        fetch_pretrained(spec, depth)
 
 
 def prepare_smoke(study: StudyConfig) -> StudyConfig:
@@ -142,15 +163,28 @@ def describe_trials(study: StudyConfig) -> str:
     how = (f"adaptive seeds: {len(seeds.initial)} to {seeds.max_seeds} per configuration, "
            f"until the 95% CI half-width <= {seeds.ci_halfwidth:g} points"
            if seeds.adaptive else f"seeds {list(seeds.initial)}")
-    lines = [f"{len(configs) * len(seeds.initial)} trials ({len(configs)} configurations x seeds; {how}):"]
+    lines = [f"{len(configs) * len(seeds.initial)} trials ({len(configs)} configurations x seeds; {how}; "
+             f"protocol {study.protocol}):"]
     for config in configs:
-        chosen = " ".join(f"{key}={value}" for key, value in config.overrides.items())
+        r = config.recipe
+        chosen = " ".join(f"{key}={value}" for key, value in config.overrides.items() if key != "model.variant")
         lines.append(
-            f"  {config.config_id} variant={config.model.variant} lr={config.train.lr:g} "
-            f"head_lr_mult={config.train.head_lr_mult:g} crop={config.train.crop_size} "
-            f"epochs={config.train.epochs} workers={config.resources.workers} {chosen}".rstrip()
+            f"  {config.config_id} variant={r.model.variant} crop={show('train.crop_size', r.train.crop_size)} "
+            f"batch={r.train.batch_size}x{r.resources.workers} passes={r.passes_per_epoch:g}x{r.train.epochs} "
+            f"{chosen}".rstrip()
         )
     return "\n".join(lines)
+
+
+def explain(study: StudyConfig) -> str:
+    """Every configuration's resolved recipe as a table (segdist.recipe.explain_table)."""
+    from segdist.recipe import explain_table
+
+    configs = expand_configs(study)
+    head = (f"Recipes of study {study.name!r} ({study.path}): protocol {study.protocol}, "
+            f"{len(configs)} configurations")
+    labels = [f"{c.config_id} {c.recipe.model.variant}" for c in configs]
+    return head + "\n\n" + explain_table([c.recipe for c in configs], labels) + "\n"
 
 
 # ----------------------------------------------------------------- Ray
@@ -169,27 +203,29 @@ def connect_ray(address: str | None) -> None:
 
 
 def check_resources_fit(study: StudyConfig) -> None:
-    """A trial that cannot be placed would wait forever: refuse it with one line instead."""
+    """A trial that cannot be placed would wait forever: refuse it with one line instead. Each
+    configuration is checked with its own resources (a 4gpu variant asks for 4 workers)."""
     import ray
 
-    res = study.resources
-    need_cpu = res.workers * res.cpus_per_worker
-    need_gpu = res.workers * res.gpus_per_worker
     total = ray.cluster_resources()
     nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
     largest_cpu = max((n.get("CPU", 0) for n in nodes), default=0)
     largest_gpu = max((n.get("GPU", 0) for n in nodes), default=0)
-    problems = []
-    if total.get("CPU", 0) < need_cpu:
-        problems.append(f"{need_cpu:g} CPUs per trial but the cluster has {total.get('CPU', 0):g}")
-    if total.get("GPU", 0) < need_gpu:
-        problems.append(f"{need_gpu:g} GPUs per trial but the cluster has {total.get('GPU', 0):g}")
-    if res.cpus_per_worker > largest_cpu:
-        problems.append(f"{res.cpus_per_worker} CPUs per worker but the largest node has {largest_cpu:g}")
-    if res.gpus_per_worker > largest_gpu:
-        problems.append(f"{res.gpus_per_worker:g} GPUs per worker but the largest node has {largest_gpu:g}")
-    if problems:
-        raise SegdistError(f"{study.path}: resources do not fit the cluster: " + "; ".join(problems))
+    for config in expand_configs(study):
+        res = config.recipe.resources
+        need_cpu, need_gpu = res.workers * res.cpus_per_worker, res.workers * res.gpus_per_worker
+        problems = []
+        if total.get("CPU", 0) < need_cpu:
+            problems.append(f"{need_cpu:g} CPUs per trial but the cluster has {total.get('CPU', 0):g}")
+        if total.get("GPU", 0) < need_gpu:
+            problems.append(f"{need_gpu:g} GPUs per trial but the cluster has {total.get('GPU', 0):g}")
+        if res.cpus_per_worker > largest_cpu:
+            problems.append(f"{res.cpus_per_worker} CPUs per worker but the largest node has {largest_cpu:g}")
+        if res.gpus_per_worker > largest_gpu:
+            problems.append(f"{res.gpus_per_worker:g} GPUs per worker but the largest node has {largest_gpu:g}")
+        if problems:
+            raise SegdistError(f"{study.path}: resources of {config.recipe.model.variant} ({res.workers} workers) "
+                               "do not fit the cluster: " + "; ".join(problems))
 
 
 def run_trial(params: dict[str, Any]) -> None:
@@ -203,7 +239,7 @@ def run_trial(params: dict[str, Any]) -> None:
     from segdist.train import ray_train_loop
 
     trial = params["trial"]
-    res = trial["resources"]
+    res = trial["recipe"]["resources"]
     use_gpu = res["gpus_per_worker"] > 0
     worker_resources = {"CPU": res["cpus_per_worker"]}
     if use_gpu:
@@ -221,7 +257,7 @@ def run_trial(params: dict[str, Any]) -> None:
             checkpoint_config=ray.train.CheckpointConfig(
                 num_to_keep=1, checkpoint_score_attribute="val_miou", checkpoint_score_order="max"
             ),
-            failure_config=ray.train.FailureConfig(max_failures=trial["train"]["max_failures"]),
+            failure_config=ray.train.FailureConfig(max_failures=trial["recipe"]["train"]["max_failures"]),
             callbacks=[TuneReportCallback()],
         ),
     )
@@ -229,10 +265,10 @@ def run_trial(params: dict[str, Any]) -> None:
 
 
 def make_searcher(scheduler, storage: str):
-    from segdist.report import HEADLINE_METRIC
-
     """Tune asks this for the next trial; it hands out the seed scheduler's trials."""
     from ray.tune.search import Searcher
+
+    from segdist.report import HEADLINE_METRIC
 
     class SeedSearcher(Searcher):
         def __init__(self):
@@ -250,7 +286,7 @@ def make_searcher(scheduler, storage: str):
             trial = self.live.pop(trial_id, None)
             if trial is None:
                 return
-            complete = bool(result) and not error and result.get("epoch", -1) >= trial.train.epochs - 1
+            complete = bool(result) and not error and result.get("epoch", -1) >= trial.recipe.train.epochs - 1
             scheduler.record(trial, result.get(HEADLINE_METRIC) if complete else None)
 
     return SeedSearcher()
@@ -310,11 +346,12 @@ def run_study(study: StudyConfig, args: argparse.Namespace, tracking_uri: str, s
         tune_config=ray.tune.TuneConfig(
             search_alg=make_searcher(scheduler, storage),
             num_samples=-1,  # until the searcher says FINISHED
-            max_concurrent_trials=study.resources.max_concurrent_trials,
+            max_concurrent_trials=study.max_concurrent_trials,
             metric="val_miou", mode="max",
             # max_t past the last epoch: a trial's own end must not be an ASHA stop.
             scheduler=ASHAScheduler(
-                time_attr="training_iteration", max_t=study.base.train.epochs + 1,
+                time_attr="training_iteration",
+                max_t=max(c.recipe.train.epochs for c in expand_configs(study)) + 1,
                 grace_period=screening.grace_period, reduction_factor=screening.reduction_factor,
             ) if screening else None,
         ),
@@ -345,6 +382,8 @@ def main(argv: list[str] | None = None) -> int:
     if _study_kind(args.space) == "crf_grid":
         return run_crf_study(args)
     study = absolute_paths(load_study(args.space))
+    if args.explain:
+        print(explain(smoke_study(study, *SMOKE_SHARDS) if args.smoke else study), flush=True)
     if args.dry_run:
         print(describe_trials(smoke_study(study, *SMOKE_SHARDS) if args.smoke else study))
         return 0
@@ -356,6 +395,7 @@ def main(argv: list[str] | None = None) -> int:
     storage_root = resolve_storage(args.storage)
     study = prepare_smoke(study) if args.smoke else study
     prepare_data(study)
+    prepare_weights(study)
     started = time.time()
     connect_ray(args.address)
     check_resources_fit(study)

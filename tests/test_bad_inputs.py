@@ -16,8 +16,11 @@ from segdist.data.synthetic import write_synthetic_voc
 from tests.test_train import run, tiny_trial
 
 
-def cli(*args, cwd):
-    return subprocess.run([sys.executable, "-m", *args], cwd=cwd, capture_output=True, text=True, timeout=300)
+def cli(*args, cwd, env=None):
+    import os
+
+    return subprocess.run([sys.executable, "-m", *args], cwd=cwd, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, **(env or {})})
 
 
 @pytest.fixture(scope="module")
@@ -63,6 +66,12 @@ def bad(tmp_path_factory, tiny_shards):
         "key.yaml": yaml.safe_dump({"train": {"learning_rate": 0.1}}),
         "seeds.yaml": yaml.safe_dump({"seeds": {"min": 5, "max": 2}}),
         "search.yaml": yaml.safe_dump({"search": {"train.lr": {"loguniform": [0.1, 0.01]}}}),
+        "contradiction.yaml": yaml.safe_dump({"protocol": "original", "model": {"variant": "voc.size512"},
+                                              "train": {"crop_size": 321}}),
+        "weights_name.yaml": yaml.safe_dump({"model": {"variant": "naked", "pretrained": "imagenet"}}),
+        "weights_url.yaml": yaml.safe_dump({
+            "data": {"train_shards": str(tiny_shards[0]), "val_shards": str(tiny_shards[1])},
+            "model": {"variant": "naked", "depth": 18, "width": 4, "pretrained": "torchvision"}}),
     }
     for name, text in studies.items():
         (root / name).write_text(text)
@@ -86,6 +95,12 @@ CASES = [
     ("seed spec that makes no sense", ["segdist.tune", "--space", "seeds.yaml", "--dry-run"],
      ["seeds.yaml", "min <= max"]),
     ("empty search range", ["segdist.tune", "--space", "search.yaml", "--dry-run"], ["search.yaml", "0 < low < high"]),
+    ("a study value that contradicts its variant", ["segdist.tune", "--space", "contradiction.yaml", "--dry-run"],
+     ["contradiction.yaml", "train.crop_size: 321x321 contradicts variant 'voc.size512'", "'size512' sets 512x512"]),
+    ("unknown ImageNet weights name", ["segdist.tune", "--space", "weights_name.yaml", "--dry-run"],
+     ["weights_name.yaml", "model.pretrained: 'imagenet' is neither a known name", "valid: torchvision, tensorpack"]),
+    ("unreachable ImageNet weights", ["segdist.tune", "--space", "weights_url.yaml", "--tracking-uri",
+                                      "sqlite:///w.db"], ["pretrained 'torchvision' (ResNet-18)", "127.0.0.1:9"]),
     # command lines
     ("missing study file", ["segdist.tune", "--space", "nope.yaml"], ["nope.yaml", "study file not found"]),
     ("unusable storage", ["segdist.tune", "--tracking-uri", "sqlite:///tune.db", "--storage", "/proc/forbidden/x"],
@@ -109,7 +124,9 @@ CASES = [
 
 @pytest.mark.parametrize("what, args, fragments", CASES, ids=[case[0] for case in CASES])
 def test_bad_input_is_one_clear_line_and_exit_2(bad, what, args, fragments):
-    result = cli(*args, cwd=bad)
+    # ImageNet weights from a mirror nobody answers on, into a cache of the test's own
+    env = {"SEGDIST_WEIGHTS_MIRROR": "http://127.0.0.1:9/", "TORCH_HOME": str(bad / "torch-home")}
+    result = cli(*args, cwd=bad, env=env)
     lines = result.stderr.strip().splitlines()
     errors = [line for line in lines if line.startswith("segdist: error: ")]
     assert result.returncode == 2, f"{what}: exit {result.returncode}\n{result.stderr[-2000:]}"

@@ -61,7 +61,7 @@ def test_training_flops_are_forward_plus_backward():
     from segdist.models import build_model, describe_model
 
     trial = bench.quickstart_trial()
-    model = build_model(dataclasses.replace(trial.model, width=4), 5)
+    model = build_model(dataclasses.replace(trial.recipe.model, width=4), 5)
     total = bench.train_flops_per_image(model, 48, 5)
     forward = describe_model(model, 5, 48)["gflops"] * 1e9
     # backward = grad input + grad weight (~2x forward), less the first conv's grad input
@@ -104,12 +104,12 @@ def test_train_section_tiny(tmp_path, capsys):
 def test_plain_distributed_runner_two_processes(tiny_shards):
     train, _val = tiny_shards
     trial = bench.quickstart_trial(str(train))
-    trial = dataclasses.replace(
-        trial,
-        model=dataclasses.replace(trial.model, width=4),
-        train=dataclasses.replace(trial.train, batch_size=2, crop_size=32),
-        data=dataclasses.replace(trial.data, loader_workers=0),
+    recipe = dataclasses.replace(
+        trial.recipe,
+        model=dataclasses.replace(trial.recipe.model, width=4),
+        train=dataclasses.replace(trial.recipe.train, batch_size=2, crop_size=(32, 32)),
     )
+    trial = dataclasses.replace(trial, recipe=recipe, data=dataclasses.replace(trial.data, loader_workers=0))
     spec = {"trial": dataclasses.asdict(trial), "steps": 4, "warmup": 1, "threads": 1}
     result = bench.run_plain(spec, 2)
     assert result["timed_steps"] == 3
@@ -122,7 +122,7 @@ def test_gpu_mode_measurement_runs_on_any_device(mode):
     from segdist.models import build_model
 
     trial = bench.quickstart_trial()
-    model = build_model(dataclasses.replace(trial.model, width=4), 3)
+    model = build_model(dataclasses.replace(trial.recipe.model, width=4), 3)
     out = bench.measure_mode(model, trial, mode, 32, 2, steps=2, warmup=1, classes=3, device=torch.device("cpu"))
     assert out["img_per_s"] > 0
 

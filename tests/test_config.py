@@ -21,28 +21,57 @@ def test_seeds_repeat_every_configuration_with_the_same_values():
         by_config.setdefault(trial.config_id, []).append(trial)
     assert len(by_config) == 4
     for group in by_config.values():
-        assert sorted(t.train.seed for t in group) == [0, 1, 2]
-        assert len({(t.train.lr, t.model.variant) for t in group}) == 1
+        assert sorted(t.seed for t in group) == [0, 1, 2]
+        assert len({(t.recipe.train.lr, t.recipe.model.variant) for t in group}) == 1
 
 
 def test_expansion_is_deterministic():
     raw = dict(seeds=[0, 1], samples=3, search={"train.lr": {"loguniform": [1e-4, 1e-1]}})
-    first = [(t.config_id, t.train.lr) for t in expand_trials(study(**raw))]
-    again = [(t.config_id, t.train.lr) for t in expand_trials(study(**raw))]
+    first = [(t.config_id, t.recipe.train.lr) for t in expand_trials(study(**raw))]
+    again = [(t.config_id, t.recipe.train.lr) for t in expand_trials(study(**raw))]
     assert first == again
     assert len({lr for _, lr in first}) == 3
 
 
-def test_variant_training_tokens_override_the_study():
-    (trial,) = expand_trials(study(model={"variant": "naked.lr1.scale8.size64"}, train={"head_lr_mult": 10}))
-    assert trial.train.head_lr_mult == 1
-    assert trial.train.epoch_scale == 8
-    assert trial.train.crop_size == 64
+def test_variant_training_tokens_set_the_recipe():
+    (trial,) = expand_trials(study(model={"variant": "naked.fpn.lr1.scale8.size64.bs4.2gpu"}))
+    train, res = trial.recipe.train, trial.recipe.resources
+    assert (train.epoch_scale, train.crop_size, train.batch_size, res.workers) == (8, (64, 64), 4, 2)
+    assert (train.multipliers.decoder.weight, train.multipliers.decoder.bias) == (1, 2)  # lr1: decoder x1/x2
+    # a study value that agrees with a token is fine
+    (same,) = expand_trials(study(model={"variant": "naked.size64"}, train={"crop_size": 64}))
+    assert same.recipe.train.crop_size == (64, 64)
+
+
+@pytest.mark.parametrize(
+    "raw, message",
+    [
+        ({"model": {"variant": "voc.size512"}, "train": {"crop_size": 321}},
+         "train.crop_size: 321x321 contradicts variant 'voc.size512' (token 'size512' sets 512x512)"),
+        ({"model": {"variant": "naked.bs8"}, "train": {"batch_size": 10}}, "token 'bs8' sets 8"),
+        ({"model": {"variant": "naked.4gpu"}, "resources": {"workers": 1}}, "token '4gpu' sets 4"),
+        ({"model": {"variant": "naked.fpn.lr10"}, "train": {"multipliers": {"decoder": 1}}},
+         "train.multipliers.decoder: W x1, b x2, decay contradicts variant 'naked.fpn.lr10'"),
+        ({"search": {"model.variant": {"grid": ["naked", "naked.size512"]}}, "train": {"crop_size": 400}},
+         "contradicts variant 'naked.size512'"),
+        ({"model": {"variant": "naked", "pretrained": "imagenet"}}, "model.pretrained: 'imagenet' is neither"),
+        ({"model": {"variant": "cs.resnet101", "depth": 50}}, "token 'resnet101' sets 101"),
+        ({"model": {"variant": "naked.fpn", "output_stride": 8}}, "run the plain ResNet (output stride 32)"),
+        ({"model": {"decoder": "fpn"}}, "model.decoder comes from the variant"),
+        ({"train": {"head_lr_mult": 10}}, "train.head_lr_mult is no longer a study key; use train.multipliers"),
+        ({"protocol": "tensorpack"}, "protocol must be one of deeplab, original"),
+    ],
+)
+def test_a_study_value_that_contradicts_its_variant_is_one_error(raw, message):
+    with pytest.raises(SegdistError) as err:
+        study(**raw)
+    assert message in str(err.value) and str(err.value).startswith("study.yaml: ")
+    assert "\n" not in str(err.value)
 
 
 def test_yaml_scientific_notation_is_a_number():
     (trial,) = expand_trials(study(train={"lr": "1e-3"}))
-    assert trial.train.lr == pytest.approx(1e-3)
+    assert trial.recipe.train.lr == pytest.approx(1e-3)
 
 
 def test_trial_round_trips_through_a_plain_dict():

@@ -15,8 +15,8 @@ def drain(scheduler, metric_of):
     while not scheduler.done():
         trial = scheduler.next_trial()
         assert trial is not None
-        ran.append((ids.index(trial.config_id), trial.train.seed))
-        scheduler.record(trial, metric_of(ids.index(trial.config_id), trial.train.seed))
+        ran.append((ids.index(trial.config_id), trial.seed))
+        scheduler.record(trial, metric_of(ids.index(trial.config_id), trial.seed))
     return ran
 
 

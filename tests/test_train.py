@@ -2,6 +2,7 @@
 
 import copy
 import dataclasses
+import math
 
 import pytest
 import torch
@@ -11,12 +12,14 @@ from segdist.config import expand_trials, parse_study
 from segdist.train import TrainingDiverged, fit, resolve_precision, segmentation_loss
 
 
-def tiny_trial(train_shards, val_shards, **train):
+def tiny_trial(train_shards, val_shards, variant="naked", evaluation=None, protocol="deeplab", **train):
     raw = {
+        "protocol": protocol,
         "data": {"train_shards": str(train_shards), "val_shards": str(val_shards), "loader_workers": 0},
-        "model": {"variant": "naked", "depth": 18, "width": 4, "output_stride": 8},
+        "model": {"variant": variant, "depth": 18, "width": 4, "pretrained": None},
         "train": {"epochs": 2, "batch_size": 2, "crop_size": 32, "scale_range": [0.8, 1.2], "lr": 0.01,
                   **train},
+        "eval": evaluation or {},
         "seeds": [0],
     }
     (trial,) = expand_trials(parse_study(raw, "tiny.yaml"))
@@ -57,9 +60,8 @@ def test_fit_reports_every_epoch_with_metrics_and_a_checkpoint(tiny_shards):
 
 
 def test_the_studys_evaluation_runs_once_at_the_end(tiny_shards):
-    trial = tiny_trial(*tiny_shards, epochs=1)
-    trial = dataclasses.replace(trial, eval=dataclasses.replace(
-        trial.eval, scales=(0.75, 1.0), flip=True, boundary_kernels=(5,)))
+    trial = tiny_trial(*tiny_shards, epochs=1,
+                       evaluation={"scales": [0.75, 1.0], "flip": True, "boundary_kernels": [5]})
     (metrics, _), = run(trial)
     for key in ("final_miou", "final_boundary5_miou", "final_inner5_miou", "final_boundary5_pixel_acc"):
         assert key in metrics, key
@@ -71,7 +73,7 @@ def test_same_seed_gives_identical_metrics_on_cpu(tiny_shards):
     first = [comparable(m) for m, _ in run(trial)]
     again = [comparable(m) for m, _ in run(trial)]
     assert first == again
-    other_seed = dataclasses.replace(trial, train=dataclasses.replace(trial.train, seed=1))
+    other_seed = dataclasses.replace(trial, seed=1)
     assert [comparable(m) for m, _ in run(other_seed)] != first
 
 
@@ -103,17 +105,18 @@ def test_soft_targets_equal_hard_cross_entropy_on_one_hot_labels():
     assert torch.allclose(segmentation_loss(logits, soft), segmentation_loss(logits, labels))
 
 
-def test_full_variant_trains_on_whole_images(tiny_shards):
-    from segdist.train import crop_and_scale, largest_image_size
-
-    trial = tiny_trial(*tiny_shards, epochs=1)
-    height, width = largest_image_size(str(tiny_shards[0]))
-    assert 40 <= height <= 56 and 40 <= width <= 56  # the fixture's generated sizes
-    assert crop_and_scale(trial, full_image=True) == ((height, width), (1.0, 1.0), 0.0)
-    assert crop_and_scale(trial, full_image=False) == (32, (0.8, 1.2), 0.0)
-    full = dataclasses.replace(trial, model=dataclasses.replace(trial.model, variant="naked.full.bs1"))
-    (metrics, _), = run(full)
-    assert metrics["epoch"] == 0
+def test_an_original_recipe_trains_with_its_optimizer_schedule_and_augmentation(tiny_shards):
+    """A whole trial of the original protocol on CPU: TF1 Adam, step schedule, L2 decay,
+    tensorpack augmentation, TF1 numerics, tiled multi-scale evaluation."""
+    trial = tiny_trial(*tiny_shards, variant="naked.fpn.learnable.sobel.channelwise.1order", protocol="original",
+                       epochs=3, lr_steps=[[1, 0.4], [2, 0.04]], crop_size=64)
+    recipe = trial.recipe
+    assert (recipe.train.optimizer, recipe.train.schedule, recipe.model.framework) == ("adam_tf1", "steps", "tf1")
+    reports = run(trial)
+    lrs = [m["lr"] for m, _ in reports]
+    assert lrs == pytest.approx([0.01, 0.004, 0.0004])  # epoch e's last lr: after epochs 1 and 2 the steps
+    assert all(math.isfinite(m["train_loss"]) for m, _ in reports)
+    assert {"final_miou"} <= set(reports[-1][0])
 
 
 def test_a_resumed_trial_reports_the_history_its_checkpoint_holds(tiny_shards):
@@ -140,7 +143,7 @@ def test_a_resumed_trial_reports_the_history_its_checkpoint_holds(tiny_shards):
     ],
 )
 def test_precision_auto_is_bf16_and_channels_last_on_cuda_only(precision, channels_last, device, expected):
-    from segdist.config import TrainConfig
+    from segdist.recipe import resolve_recipe
 
-    train = TrainConfig(precision=precision, channels_last=channels_last)
+    train = resolve_recipe({"train.precision": precision, "train.channels_last": channels_last}, "deeplab", "t").train
     assert resolve_precision(train, torch.device(device)) == expected

@@ -35,7 +35,7 @@ def test_dry_run_lists_every_configuration_and_seed(tmp_path):
     space = write(tmp_path / "s.yaml", {"seeds": [0, 1, 2], "search": {"train.lr": {"grid": [0.1, 0.2]}}})
     result = tune("--space", str(space), "--dry-run", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
-    assert "6 trials (2 configurations x seeds; seeds [0, 1, 2])" in result.stdout
+    assert "6 trials (2 configurations x seeds; seeds [0, 1, 2]; protocol deeplab)" in result.stdout
     assert result.stdout.count("variant=naked") == 2
 
 
@@ -86,11 +86,12 @@ def test_unreachable_mlflow_server(tmp_path):
 def test_resources_that_cannot_fit_fail_before_training(tmp_path, tiny_shards):
     from tests.conftest import write_study
 
-    space = write_study(tmp_path / "big.yaml", *tiny_shards,
-                        resources={"workers": 64, "cpus_per_worker": 1, "gpus_per_worker": 0,
-                                   "max_concurrent_trials": 1})
+    # one configuration fits, the other asks for its own 64 workers (the Ngpu token): refused,
+    # naming that configuration, before any training
+    space = write_study(tmp_path / "big.yaml", *tiny_shards, search={"model.variant": {"grid": ["naked", "naked.64gpu"]}},
+                        resources={"cpus_per_worker": 1, "gpus_per_worker": 0, "max_concurrent_trials": 1})
     result = tune("--space", str(space), cwd=tmp_path)
-    assert_one_line_error(result, "big.yaml", "resources do not fit", "64 CPUs per trial")
+    assert_one_line_error(result, "big.yaml", "resources of naked.64gpu (64 workers) do not fit", "64 CPUs per trial")
 
 
 def test_a_cityscapes_variant_on_voc_layout_shards_is_refused(tmp_path, tiny_shards):

@@ -50,7 +50,7 @@ from segdist.data.sample import (
     invalid_label_lut,
 )
 from segdist.data.tarstream import TarFormatError, iter_samples, iter_tar
-from segdist.data.transforms import LABEL_MODES, EvalTransform, TrainTransform, as_size
+from segdist.data.transforms import EvalTransform, TrainTransform
 from segdist.errors import SegdistError
 
 DATASET_JSON = "dataset.json"
@@ -534,50 +534,35 @@ def _check_common(info: DatasetInfo, rank: int, world_size: int, loader_workers:
 def train_loader(
     info: DatasetInfo,
     *,
+    transform: TrainTransform,
     batch_size: int,
     batches_per_epoch: int,
-    crop_size: int | tuple[int, int],
-    scale_range: tuple[float, float],
     seed: int,
     epoch: int,
     rank: int,
     world_size: int,
     loader_workers: int = 1,
     shuffle_buffer: int = 256,
-    aspect_jitter: float = 0.0,
-    flip: bool = True,
-    label_mode: str = "hard",
-    edgemix_radius: int = 1,
-    edges: bool = False,
     on_bad_sample: str = "raise",
     multiprocessing_context=None,
     pin_memory: bool | None = None,
 ) -> StreamLoader:
-    """Exactly `batches_per_epoch` batches (images, targets) on every rank.
+    """Exactly `batches_per_epoch` batches (images, targets) on every rank, each sample
+    augmented by `transform` (segdist.data.transforms.TrainTransform, e.g. from_recipe).
 
-    images: float32 [B, 3, h, w] normalised with IMAGENET_MEAN/STD (padding = 0), or
-    [B, 4, h, w] with edges=True (channel 3 = blurred Canny map in [0, 1], 0 in padding).
-    targets: int64 [B, h, w] in {0..C-1, 255} for label_mode "hard" and "trimap";
-    float32 [B, C, h, w] soft targets for "edgemix" (all zero at void pixels).
-    (h, w) = crop_size (an int or a (height, width) pair).
-    pin_memory: page-locked batches (default: when CUDA is available).
+    images: uint8 [B, h, w, 4] (R, G, B and the edge map x255; segdist.data.batch turns them
+    into normalised float32 on the device). targets: uint8 [B, h, w] in {0..C-1, 255} for label
+    modes "hard" and "trimap"; float32 [B, C, h, w] soft targets for "edgemix" (all zero at
+    void pixels). (h, w) = the transform's crop. pin_memory: page-locked batches (default: when
+    CUDA is available).
     """
     _check_common(info, rank, world_size, loader_workers)
     _check_on_bad(on_bad_sample)
     if batch_size < 1 or batches_per_epoch < 1:
         raise ValueError("batch_size and batches_per_epoch must be at least 1")
-    if label_mode not in LABEL_MODES:
-        raise SegdistError(f"label_mode must be one of {', '.join(LABEL_MODES)}, got {label_mode!r}")
-    transform = TrainTransform(
-        as_size(crop_size),
-        tuple(scale_range),
-        aspect_jitter=aspect_jitter,
-        flip=flip,
-        label_mode=label_mode,
-        num_classes=info.num_classes,
-        edgemix_radius=edgemix_radius,
-        edges=edges,
-    )
+    if transform.label_mode == "edgemix" and transform.num_classes != info.num_classes:
+        raise SegdistError(f"{info.root}: edgemix targets need the shards' {info.num_classes} classes, "
+                           f"the transform has {transform.num_classes}")
     dataset = _TrainStream(
         info,
         batch_size=batch_size,

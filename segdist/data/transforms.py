@@ -1,28 +1,40 @@
 """Paired (image, label) transforms. Every random choice comes from an explicit
 `numpy.random.Generator`; nothing touches a global RNG.
 
-Training (`TrainTransform`): random resize by a scale drawn from `scale_range` (with optional
-aspect jitter), image bilinear / label NEAREST; pad to the crop size (image with the mean
-colour, label with 255) and random crop; horizontal flip. The resize is done only for the
-region that ends up in the crop, which gives the same pixels as resizing the whole image and
-then cropping, at a cost proportional to the crop rather than the image. Crops stay uint8
-(R, G, B, edge) and are written straight into their batch slot; the float conversion and
-normalisation happen on the training device (segdist.data.batch), where they are nearly free.
+Training (`TrainTransform`): random resize, pad to the crop size and random crop, horizontal
+flip; image bilinear, label nearest. Two ways to draw them (the recipe's train.augmentation):
+
+- `tensorpack`, the original's (tensorpack/dataflow/imgaug at the log's commits; reference/
+  recipes.md "AUG-A"): RandomResize draws sx, then sy, each uniform in scale_range, rounds the
+  new size with int(x + 0.5) and redraws (up to 51 pairs, else no resize) until the aspect
+  ratio changes by less than aspect_jitter (0: sy = sx, no check); RandomCropWithPadding pads an axis that is
+  smaller than the crop centrally (the odd pixel after) and draws the crop origin of a larger
+  one with randint(diff), i.e. from 0 .. diff - 1; then Flip with probability 0.5. Labels are
+  resized like cv2's INTER_NEAREST (source = floor(destination x in/out)).
+- `deeplab`: one scale uniform in scale_range (aspect from 1 +- aspect_jitter), the image
+  placed at a random offset in the padded crop when smaller, any crop origin; labels resized
+  like PIL's NEAREST (pixel centres).
+
+The resize is done only for the region that ends up in the crop, which gives the same
+pixels as resizing the whole image and then cropping, at a cost proportional to the crop.
+Crops stay uint8 (R, G, B, edge) and are written straight into their batch slot; the float
+conversion and normalisation happen on the training device (segdist.data.batch).
 
 The image resize is OpenCV's bilinear (`cv2.warpAffine`, INTER_LINEAR, pixel centres at
-+0.5, edges replicated: the interpolation of DeepLab's own cv2-based pipelines), about 4x
-faster than PIL's. It agrees with PIL's BILINEAR to within 1 grey level when enlarging;
-when shrinking it does not low-pass first (PIL's BILINEAR widens its kernel), like
-cv2.resize(INTER_LINEAR). The label resize is exact index arithmetic (PIL's NEAREST), and
-the crop geometry and every random draw are the same as PIL's would be.
++0.5, edges replicated: cv2.resize's mapping, which the original used). When shrinking it
+does not low-pass first, like cv2.resize(INTER_LINEAR).
 
-Label modes: "hard" (class indices), "trimap" (pixels whose 3x3 neighbourhood holds another
-value become 255) and "edgemix" (soft targets: the mean one-hot label over a (2r+1)^2
-window, void pixels contributing nothing; void pixels get an all-zero target).
+Label modes: "hard" (class indices), "trimap" (boundary pixels become 255, computed on the
+source label before any resize, as the original's offline trimap_gt1/ files were: band
+"original" is generate_trimap's, a 2x2 block above-left of every pixel whose 3x3 window holds
+another value; "3x3" is that whole neighbourhood) and "edgemix" (soft targets: the mean
+one-hot label over a (2r+1)^2 window, void pixels contributing nothing; void pixels get an
+all-zero target).
 
-Optional edge channel (the `edge` variants): a Canny map (thresholds 100/200 on the grey
-image, 0/1, then a 5x5 Gaussian blur) of the augmented image, stored x255 in the crop's
-4th byte (0 in the padding) and divided by 255 on the device.
+Optional edge channel (the `edge` variants): the original's PascalVOC12Edge map,
+cv2.Canny(BGR image, 100, 200) / 255 then cv2.GaussianBlur((5, 5), 0), of the whole source
+image before augmentation; stored x255 in the 4th byte, resized and flipped with the image
+(0 in the padding) and divided by 255 on the device.
 """
 
 from __future__ import annotations
@@ -44,8 +56,11 @@ _INV_STD255 = 1.0 / (np.array(IMAGENET_STD, dtype=np.float32) * 255.0)
 
 # Training crops are uint8 [h, w, BATCH_CHANNELS]: R, G, B and the edge map (see TrainTransform)
 BATCH_CHANNELS = 4
-# image padding: the mean colour (as close as uint8 gets; ~0.005 after normalisation), edge 0
-PAD_PIXEL = np.array([*np.rint(_MEAN255).astype(np.uint8), 0], dtype=np.uint8)
+# default image padding: the mean colour (as close as uint8 gets; ~0.005 after normalisation), edge 0
+MEAN_RGB = tuple(int(v) for v in np.rint(_MEAN255).astype(np.uint8))
+PAD_PIXEL = np.array([*MEAN_RGB, 0], dtype=np.uint8)
+AUGMENTATIONS = ("tensorpack", "deeplab")
+TRIMAP_BANDS = ("original", "3x3")
 
 
 # uint8 value -> normalised float32, one table per channel: a gather is ~3x faster than
@@ -125,15 +140,46 @@ def sample_crop_params(
     return CropParams(sh, sw, top, left, do_flip)
 
 
+def sample_crop_params_tensorpack(
+    rng: np.random.Generator,
+    height: int,
+    width: int,
+    crop: tuple[int, int],
+    scale_range: tuple[float, float],
+    aspect_limit: float = 0.15,
+    flip: bool = True,
+) -> CropParams:
+    """tensorpack's RandomResize + RandomCropWithPadding + Flip (see the module docstring).
+    scale_range (1, 1): no resize, nothing drawn for it."""
+    sh, sw = height, width
+    lo, hi = scale_range
+    if (lo, hi) != (1.0, 1.0):
+        old = width / height
+        for _ in range(51):
+            sx = float(rng.uniform(lo, hi))
+            sy = sx if aspect_limit == 0 else float(rng.uniform(lo, hi))  # 0: keep the aspect ratio, no check
+            new_w, new_h = max(1, int(sx * width + 0.5)), max(1, int(sy * height + 0.5))
+            if aspect_limit == 0 or abs(new_w / new_h - old) / old < aspect_limit + 1e-5:
+                sh, sw = new_h, new_w
+                break
+    ch, cw = crop
+    top = int(rng.integers(0, sh - ch)) if sh > ch else -((ch - sh) // 2)
+    left = int(rng.integers(0, sw - cw)) if sw > cw else -((cw - sw) // 2)
+    do_flip = bool(rng.random() < 0.5) if flip else False
+    return CropParams(sh, sw, top, left, do_flip)
+
+
 def _window(p: CropParams, crop: tuple[int, int]) -> tuple[int, int, int, int]:
     """The part of the crop window inside the resized image: (vy0, vy1, vx0, vx1)."""
     ch, cw = crop
     return max(p.top, 0), min(p.top + ch, p.scaled_h), max(p.left, 0), min(p.left + cw, p.scaled_w)
 
 
-def _nearest_index(v0: int, v1: int, size: int, scaled: int) -> np.ndarray:
-    """Source rows (or columns) of PIL's NEAREST resize size -> scaled, for v0..v1-1."""
-    idx = ((np.arange(v0, v1) + 0.5) * (size / scaled)).astype(np.intp)
+def _nearest_index(v0: int, v1: int, size: int, scaled: int, centres: bool = True) -> np.ndarray:
+    """Source rows (or columns) of a NEAREST resize size -> scaled, for v0..v1-1: PIL's
+    (pixel centres, floor((v + 0.5) in/out)) or, with centres=False, cv2's INTER_NEAREST
+    (floor(v in/out))."""
+    idx = ((np.arange(v0, v1) + (0.5 if centres else 0.0)) * (size / scaled)).astype(np.intp)
     np.minimum(idx, size - 1, out=idx)
     return idx
 
@@ -189,17 +235,18 @@ def _resize_window(
     return out
 
 
-def _resize_label(label: np.ndarray, p: CropParams, window: tuple[int, int, int, int], flip: bool = False) -> np.ndarray:
+def _resize_label(label: np.ndarray, p: CropParams, window: tuple[int, int, int, int], flip: bool = False,
+                  centres: bool = True) -> np.ndarray:
     """Nearest-neighbour resize of the window's part of the label (mirrored with `flip`):
-    index arithmetic, exactly PIL's NEAREST on the whole image, then cropped (PIL's box
-    variant can differ by one column on float ties)."""
+    index arithmetic, exactly PIL's NEAREST (centres=True) or cv2's INTER_NEAREST (False) on
+    the whole image, then cropped (PIL's box variant can differ by one column on float ties)."""
     height, width = label.shape
     vy0, vy1, vx0, vx1 = window
     if p.scaled_h == height and p.scaled_w == width:
         cut = label[vy0:vy1, vx0:vx1]
         return cut[:, ::-1] if flip else cut
-    ys = _nearest_index(vy0, vy1, height, p.scaled_h)
-    xs = _nearest_index(vx0, vx1, width, p.scaled_w)
+    ys = _nearest_index(vy0, vy1, height, p.scaled_h, centres)
+    xs = _nearest_index(vx0, vx1, width, p.scaled_w, centres)
     return label.take(ys, axis=0).take(xs[::-1] if flip else xs, axis=1)
 
 
@@ -217,12 +264,27 @@ def resize_crop(
     return rgb, _resize_label(label, p, window), placed
 
 
-def trimap(label: np.ndarray) -> np.ndarray:
-    """Pixels whose 3x3 neighbourhood holds another value (void included) -> 255."""
-    out = label.copy()
+def trimap(label: np.ndarray, band: str = "3x3") -> np.ndarray:
+    """The label with a band around class boundaries set to 255 (uint8 [H, W] -> uint8 [H, W]).
+    A pixel is a boundary pixel when its 3x3 window (clipped to the image) holds another value,
+    255 included. band "3x3" (variants.md): the boundary pixels; "original": the original's
+    misc/utils.py generate_trimap, which writes label[x-1:x+1, y-1:y+1] = 255 for every
+    boundary pixel (x, y): the 2x2 block of rows x-1..x and columns y-1..y, nothing when x = 0
+    or y = 0 (Python's [-1:1] slice is empty)."""
+    if band not in TRIMAP_BANDS:
+        raise ValueError(f"trimap band must be one of {TRIMAP_BANDS}, got {band!r}")
     border = ndimage.maximum_filter(label, size=3, mode="nearest") != ndimage.minimum_filter(
         label, size=3, mode="nearest"
     )
+    if band == "original":
+        seed = border.copy()
+        seed[0, :] = False
+        seed[:, 0] = False
+        border = seed.copy()
+        border[:-1, :] |= seed[1:, :]
+        border[:, :-1] |= seed[:, 1:]
+        border[:-1, :-1] |= seed[1:, 1:]
+    out = label.copy()
     out[border] = IGNORE_INDEX
     return out
 
@@ -246,47 +308,13 @@ def edgemix(label: np.ndarray, num_classes: int, radius: int = 1) -> np.ndarray:
 
 
 def canny_edges(rgb: np.ndarray, low: float = 100.0, high: float = 200.0) -> np.ndarray:
-    """A Canny edge map of uint8 RGB [H, W, 3] -> float32 [H, W] in [0, 1].
-
-    Follows cv2.Canny(grey, low, high) (3x3 Sobel, L1 magnitude, non-maximum suppression,
-    hysteresis with 8-connectivity), then /255 and a 5x5 Gaussian blur (sigma 1.1, as
-    cv2.GaussianBlur(.., (5, 5), 0)). A numpy/scipy re-implementation: close to OpenCV's,
-    not bit-identical.
-    """
-    grey = rgb.astype(np.float32) @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
-    grey = np.round(grey)
-    gx = ndimage.sobel(grey, axis=1, mode="reflect")
-    gy = ndimage.sobel(grey, axis=0, mode="reflect")
-    mag = np.abs(gx) + np.abs(gy)
-    # quantise the gradient direction to 0, 45, 90, 135 degrees
-    angle = np.rad2deg(np.arctan2(gy, gx)) % 180.0
-    padded = np.pad(mag, 1, mode="constant")
-    h, w = mag.shape
-
-    def shifted(dy: int, dx: int) -> np.ndarray:
-        return padded[1 + dy : 1 + dy + h, 1 + dx : 1 + dx + w]
-
-    keep = np.zeros_like(mag, dtype=bool)
-    for lo, hi, (dy, dx) in (
-        (0.0, 22.5, (0, 1)),
-        (157.5, 180.1, (0, 1)),
-        (22.5, 67.5, (1, 1)),
-        (67.5, 112.5, (1, 0)),
-        (112.5, 157.5, (1, -1)),
-    ):
-        sel = (angle >= lo) & (angle < hi)
-        keep |= sel & (mag > shifted(dy, dx)) & (mag >= shifted(-dy, -dx))
-    strong = keep & (mag > high)
-    weak = keep & (mag > low)
-    regions, n = ndimage.label(weak, structure=np.ones((3, 3), dtype=bool))
-    if n:
-        has_strong = np.zeros(n + 1, dtype=bool)
-        has_strong[regions[strong]] = True
-        has_strong[0] = False
-        edges = has_strong[regions].astype(np.float32)
-    else:
-        edges = np.zeros_like(mag, dtype=np.float32)
-    return ndimage.gaussian_filter(edges, sigma=1.1, truncate=2.0 / 1.1, mode="reflect")
+    """The original's edge map (PascalVOC12Edge) of uint8 RGB [H, W, 3] -> float32 [H, W] in
+    [0, 1]: cv2.Canny on the colour image in BGR order (OpenCV keeps, per pixel, the channel of
+    largest gradient), thresholds 100/200, / 255, then cv2.GaussianBlur((5, 5), sigma 0), i.e.
+    the binomial kernel [1, 4, 6, 4, 1] / 16."""
+    bgr = cv2.cvtColor(np.ascontiguousarray(rgb), cv2.COLOR_RGB2BGR)
+    edges = cv2.Canny(bgr, low, high).astype(np.float32) / 255.0
+    return cv2.GaussianBlur(edges, (5, 5), 0)
 
 
 def _fill_pixels(image: np.ndarray, pixel: np.ndarray) -> None:
@@ -302,9 +330,10 @@ class TrainTransform:
     """Decoded (uint8 RGB [H, W, 3] image, uint8 label) + rng -> (uint8 [h, w, 4] image, target).
 
     The image comes out as the training batch carries it (see segdist.data.batch): R, G, B
-    and a fourth byte that holds the Canny edge map x255 with `edges=True` (unused, and not
-    read, otherwise); padding is the mean colour. Normalisation happens on the device.
-    target: uint8 [h, w] for "hard"/"trimap" (255 = ignore), float32 [C, h, w] for "edgemix".
+    and a fourth byte that holds the edge map x255 with `edges=True` (unused, and not read,
+    otherwise); padding is `image_pad` (RGB; default the mean colour), edge 0. Normalisation
+    happens on the device. target: uint8 [h, w] for "hard"/"trimap" (255 = ignore), float32
+    [C, h, w] for "edgemix". augmentation, trimap_band: see the module docstring.
     """
 
     def __init__(
@@ -312,9 +341,12 @@ class TrainTransform:
         crop_size: int | tuple[int, int],
         scale_range: tuple[float, float] = (0.5, 1.5),
         *,
+        augmentation: str = "deeplab",
         aspect_jitter: float = 0.0,
         flip: bool = True,
+        image_pad: tuple[int, int, int] = MEAN_RGB,
         label_mode: str = "hard",
+        trimap_band: str = "3x3",
         num_classes: int | None = None,
         edgemix_radius: int = 1,
         edges: bool = False,
@@ -323,6 +355,8 @@ class TrainTransform:
             raise ValueError(f"label_mode must be one of {LABEL_MODES}, got {label_mode!r}")
         if label_mode == "edgemix" and not num_classes:
             raise ValueError("label_mode='edgemix' needs num_classes")
+        if augmentation not in AUGMENTATIONS or trimap_band not in TRIMAP_BANDS:
+            raise ValueError(f"augmentation must be one of {AUGMENTATIONS} and trimap_band one of {TRIMAP_BANDS}")
         lo, hi = scale_range
         if not 0 < lo <= hi:
             raise ValueError(f"scale_range must satisfy 0 < low <= high, got {scale_range}")
@@ -330,12 +364,24 @@ class TrainTransform:
             raise ValueError(f"aspect_jitter must be in [0, 1), got {aspect_jitter}")
         self.crop = as_size(crop_size)
         self.scale_range = (float(lo), float(hi))
+        self.augmentation = augmentation
         self.aspect_jitter = float(aspect_jitter)
         self.flip = flip
+        self.pad_pixel = np.array([*image_pad, 0], dtype=np.uint8)
         self.label_mode = label_mode
+        self.trimap_band = trimap_band
         self.num_classes = num_classes
         self.edgemix_radius = edgemix_radius
         self.edges = edges
+
+    @classmethod
+    def from_recipe(cls, train, num_classes: int, edges: bool) -> TrainTransform:
+        """The transform of a recipe's train part (segdist.recipe.TrainRecipe); `edges`: the
+        model takes an edge map (recipe.model.edge_input is set)."""
+        return cls(train.crop_size, train.scale_range, augmentation=train.augmentation,
+                   aspect_jitter=train.aspect_jitter, flip=train.flip, image_pad=train.image_pad,
+                   label_mode=train.label_mode, trimap_band=train.trimap_band, num_classes=num_classes,
+                   edgemix_radius=train.edgemix_radius, edges=edges)
 
     def image_shape(self) -> tuple[int, int, int]:
         return (*self.crop, BATCH_CHANNELS)
@@ -347,6 +393,13 @@ class TrainTransform:
     def target_dtype(self):
         return np.float32 if self.label_mode == "edgemix" else np.uint8
 
+    def sample(self, rng: np.random.Generator, height: int, width: int) -> CropParams:
+        """This sample's resize, crop and flip, drawn by the transform's augmentation rule."""
+        if self.augmentation == "tensorpack":
+            return sample_crop_params_tensorpack(rng, height, width, self.crop, self.scale_range,
+                                                 self.aspect_jitter, self.flip)
+        return sample_crop_params(rng, height, width, self.crop, self.scale_range, self.aspect_jitter, self.flip)
+
     def __call__(
         self,
         image: np.ndarray,
@@ -357,7 +410,7 @@ class TrainTransform:
         """Returns (image, target); with `out` = (image, target) arrays of those shapes and
         dtypes, writes into them instead (the loader passes its batch slots)."""
         height, width = label.shape
-        p = sample_crop_params(rng, height, width, self.crop, self.scale_range, self.aspect_jitter, self.flip)
+        p = self.sample(rng, height, width)
         ch, cw = self.crop
         if out is None:
             img_out = np.empty(self.image_shape(), dtype=np.uint8)
@@ -369,22 +422,22 @@ class TrainTransform:
         y0, x0, y1, x1 = vy0 - p.top, vx0 - p.left, vy1 - p.top, vx1 - p.left
         if p.flip:  # the flipped valid part goes to the mirrored place
             x0, x1 = cw - x1, cw - x0
-        if (y0, x0, y1, x1) != (0, 0, ch, cw):  # padding: image mean, label 255
-            _fill_pixels(img_out, PAD_PIXEL)
+        if (y0, x0, y1, x1) != (0, 0, ch, cw):  # padding: image_pad, edge 0, label 255
+            _fill_pixels(img_out, self.pad_pixel)
             target.fill(0 if self.label_mode == "edgemix" else IGNORE_INDEX)
-        # flipping commutes with trimap and edgemix (both symmetric), so it is done by the index
-        lab = _resize_label(label, p, window, flip=p.flip)
+        if self.label_mode == "trimap":  # on the source label, before any resize (as the original)
+            label = trimap(label, self.trimap_band)
+        # flipping commutes with edgemix (symmetric), so it is done by the index
+        lab = _resize_label(label, p, window, flip=p.flip, centres=self.augmentation == "deeplab")
         if self.label_mode == "edgemix":
             target[:, y0:y1, x0:x1] = edgemix(lab, self.num_classes, self.edgemix_radius)
         else:
-            target[y0:y1, x0:x1] = trimap(lab) if self.label_mode == "trimap" else lab
-        dst = img_out[y0:y1, x0:x1]
-        if self.edges:  # Canny on the unflipped crop, then image and map mirrored together
-            win = _resize_window(_pixels(image), p, window, False)
-            win[..., 3] = edge_bytes(canny_edges(np.ascontiguousarray(win[..., :3])))
-            dst[...] = win[:, ::-1] if p.flip else win
-        else:  # the flip is part of the resize, written straight into the batch slot
-            _resize_window(_pixels(image), p, window, p.flip, dst=dst)
+            target[y0:y1, x0:x1] = lab
+        pixels = _pixels(image)
+        if self.edges:  # the whole image's edge map, resized and flipped with it
+            pixels[..., 3] = edge_bytes(canny_edges(image))
+        # the flip is part of the resize, written straight into the batch slot
+        _resize_window(pixels, p, window, p.flip, dst=img_out[y0:y1, x0:x1])
         return img_out, target
 
 

@@ -11,15 +11,20 @@ import torch
 from segdist.data.classes import SYNTHETIC_CLASSES
 from segdist.data.sample import decode_label_zst, encode_label_png, encode_label_zst
 from segdist.data.stream import read_dataset_info, train_loader, val_loader, val_samples_per_rank
+from segdist.data.transforms import TrainTransform
 from segdist.errors import SegdistError
+
+_TRANSFORM_ARGS = ("crop_size", "scale_range", "label_mode", "edges", "augmentation", "trimap_band")
 
 
 def _train(info, **kw):
+    """train_loader with a TrainTransform built from the transform's own keywords in `kw`."""
+    look = {"crop_size": 24, "scale_range": (0.5, 1.5), "num_classes": info.num_classes}
+    look.update({k: kw.pop(k) for k in _TRANSFORM_ARGS if k in kw})
     args = dict(
+        transform=TrainTransform(look.pop("crop_size"), look.pop("scale_range"), **look),
         batch_size=2,
         batches_per_epoch=3,
-        crop_size=24,
-        scale_range=(0.5, 1.5),
         seed=0,
         epoch=0,
         rank=0,
@@ -238,10 +243,9 @@ def test_size_mismatch_names_shard_and_key(val_copy, fmt, message):
         _all(info)
     loader = train_loader(
         info,
+        transform=TrainTransform(16, (1, 1)),
         batch_size=1,
         batches_per_epoch=2,
-        crop_size=16,
-        scale_range=(1, 1),
         seed=0,
         epoch=0,
         rank=0,

@@ -181,8 +181,9 @@ def test_fast_border_path_gives_the_replicated_border_pixels():
 
 @pytest.mark.parametrize("mode", ["trimap", "edgemix"])
 def test_label_modes_of_flipped_crops_are_the_flipped_modes(mode):
-    """The flip is applied by the label index before trimap / edgemix: both must commute
-    with mirroring for that to be right."""
+    """The flip is applied by the label index before edgemix, which must commute with
+    mirroring for that to be right (trimap runs on the source label, before any flip; its 3x3
+    band commutes too, the original's above-left band does not)."""
     label = np.random.default_rng(4).choice(np.array([0, 1, 2, 255], np.uint8), size=(13, 17))
     f = (lambda x: trimap(x)) if mode == "trimap" else (lambda x: edgemix(x, 3))
     assert np.array_equal(f(label[:, ::-1]), f(label)[..., ::-1])

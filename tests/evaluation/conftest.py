@@ -9,12 +9,13 @@ import pytest
 import torch
 from torch import nn
 
-from segdist.config import DataConfig, ModelConfig, ResourcesConfig, TrainConfig, TrialConfig
+from segdist.config import DataConfig, TrialConfig
 from segdist.data.classes import SYNTHETIC_CLASSES
 from segdist.data.shard_writer import build_shards
 from segdist.data.synthetic import write_synthetic_voc
 from segdist.data.voc import iter_voc
 from segdist.models import build_model
+from segdist.recipe import resolve_recipe
 
 
 @pytest.fixture(autouse=True)
@@ -40,20 +41,21 @@ def eval_shards(tmp_path_factory) -> Path:
     return out
 
 
-def tiny_trial(variant: str = "naked", crop: int = 24) -> TrialConfig:
-    return TrialConfig(
-        data=DataConfig(),
-        model=ModelConfig(variant=variant, depth=18, width=4, output_stride=8),
-        train=TrainConfig(epochs=1, batch_size=2, crop_size=crop),
-        resources=ResourcesConfig(),
-    )
+def tiny_trial(variant: str = "naked", crop: int = 24, protocol: str = "deeplab", **values) -> TrialConfig:
+    """A tiny recipe (ResNet-18 width 4) of `variant`; `values`: more `section__field` values."""
+    recipe = resolve_recipe({
+        "model.variant": variant, "model.depth": 18, "model.width": 4, "model.pretrained": None,
+        "train.epochs": 1, "train.batch_size": 2, "train.crop_size": (crop, crop),
+        **{key.replace("__", "."): value for key, value in values.items()},
+    }, protocol, "test")
+    return TrialConfig(recipe=recipe, data=DataConfig())
 
 
 def save_checkpoint(path: Path, trial: TrialConfig, classes, model: nn.Module | None = None) -> Path:
     """A checkpoint dict with the keys train.fit writes."""
     if model is None:
         torch.manual_seed(0)
-        model = build_model(trial.model, len(classes))
+        model = build_model(trial.recipe.model, len(classes))
     torch.save(
         {
             "model": model.state_dict(),

@@ -57,7 +57,7 @@ def test_cli_scores_a_checkpoint_with_msf_crf_and_boundary(eval_shards, tiny_che
     assert {"miou", "per_class_iou", "pixel_acc", "mean_acc", "boundary", "without_crf"} <= set(out)
     assert list(out["per_class_iou"]) == list(SYNTHETIC_CLASSES)
     assert out["num_images"] == 5 and out["scales"] == [0.75, 1.0] and out["flip"] is True
-    assert out["tile_size"] == 24  # the checkpoint's training crop size
+    assert out["tile_size"] is None  # the checkpoint recipe's eval.tile: deeplab scores whole images
     assert out["crf"]["bi_rgb_std"] == 10.0 and out["crf"]["bi_w"] == 4.0
     assert set(out["boundary"]) == {"11", "15"}
     assert {"miou", "pixel_acc", "mean_acc"} <= set(out["boundary"]["11"]["inner"])
@@ -65,6 +65,22 @@ def test_cli_scores_a_checkpoint_with_msf_crf_and_boundary(eval_shards, tiny_che
     for name in ("confusion_matrix.png", "overlays.png"):
         with Image.open(tmp_path / "pics" / name) as im:
             assert im.size[0] > 100
+
+
+def test_cli_defaults_are_the_checkpoint_recipes_evaluation(eval_shards, tmp_path, capsys):
+    """Without --scales/--flip/--tile/--boundary the checkpoint's own recipe decides: here the
+    original protocol's scales 0.9/1/1.1, flip, tiles of the 24-pixel crop, boundary K=5."""
+    trial = tiny_trial(protocol="original", eval__boundary_kernels=(5,))
+    assert (trial.recipe.eval.scales, trial.recipe.eval.tile) == ((0.9, 1.0, 1.1), (24, 24))
+    ckpt = save_checkpoint(tmp_path / "original.pt", trial, SYNTHETIC_CLASSES)
+    argv = ["--checkpoint", str(ckpt), "--shards", str(eval_shards), "--json", "--loader-workers", "0"]
+    assert main(argv) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert (out["scales"], out["flip"], out["tile_size"]) == ([0.9, 1.0, 1.1], True, [24, 24])
+    assert set(out["boundary"]) == {"5"}
+    assert main([*argv, "--scales", "1", "--no-flip", "--tile", "0", "--boundary", "3"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert (out["scales"], out["flip"], out["tile_size"], set(out["boundary"])) == ([1.0], False, None, {"3"})
 
 
 def test_cli_table_output(eval_shards, tiny_checkpoint, capsys):
@@ -88,7 +104,7 @@ def test_checkpoint_with_another_class_count_is_one_line(eval_shards, tmp_path, 
 
 
 def test_weights_of_another_variant_are_one_line(eval_shards, tmp_path, capsys):
-    aspp = build_model(tiny_trial("aspp").model, C)
+    aspp = build_model(tiny_trial("aspp").recipe.model, C)
     ckpt = save_checkpoint(tmp_path / "mixed.pt", tiny_trial("naked"), SYNTHETIC_CLASSES, model=aspp)
     err = one_error_line(capsys, ["--checkpoint", str(ckpt), "--shards", str(eval_shards)])
     assert "do not fit variant 'naked'" in err and "mixed.pt" in err
@@ -231,8 +247,9 @@ def test_checkpoint_does_not_need_its_imagenet_file(eval_shards, tmp_path, capsy
     import dataclasses
 
     trial = tiny_trial()
-    model = build_model(trial.model, C)
-    trial = dataclasses.replace(trial, model=dataclasses.replace(trial.model, pretrained=str(tmp_path / "gone.pth")))
+    model = build_model(trial.recipe.model, C)
+    gone = dataclasses.replace(trial.recipe.model, pretrained=str(tmp_path / "gone.pth"))
+    trial = dataclasses.replace(trial, recipe=dataclasses.replace(trial.recipe, model=gone))
     ckpt = save_checkpoint(tmp_path / "from_imagenet.pt", trial, SYNTHETIC_CLASSES, model=model)
     assert main(["--checkpoint", str(ckpt), "--shards", str(eval_shards), "--json", "--loader-workers", "0"]) == 0
     assert json.loads(capsys.readouterr().out)["num_images"] == 5
