@@ -1,256 +1,236 @@
-"""The study files of tune_spaces/: one per table of the research log
-(/work/shared/reference/000_228ee7611dc2548c.txt), each row mapped to a configuration.
+"""The study files of tune_spaces/ against the results log's recipes.
 
-ROWS lists, per study, every log row it reproduces and the variant that trains it, so a
-row dropped from (or added to) a YAML fails here. Every configuration of every study is
-then trained for one tiny epoch (the `--smoke` sizes) in this process, without Ray.
+tune_spaces/recipes.csv is a machine-readable copy of reference/recipes.md: one line per log
+row (a row trained under two formulas is two lines), its study and variant, which metric
+reads it, and the original script's value of every recipe field (before segdist's fixes,
+which the `fixes` column names). Every configuration of every study must resolve to its rows'
+recipes, with the fixes applied; a change that breaks a row fails here. Every configuration
+is then trained for one tiny epoch (the `--smoke` sizes) in this process, without Ray.
 """
 
-import dataclasses
+import csv
 import math
 import time
-from pathlib import Path
 
 import pytest
 import torch
 
-from segdist.config import apply_variant_tokens, expand_configs, load_study, smoke_study
-from segdist.models.variant import parse_variant
+from segdist.config import expand_configs, load_study, smoke_study
 from segdist.train import fit
 from tests.conftest import ROOT, run_cli
 
 SPACES = ROOT / "tune_spaces"
-
-# study -> {log row (its Arch/Params cell, minus checkpoint sizes): variant}. Rows that map
-# to the same variant are one trained configuration read twice (see tune_spaces/README.md).
-ROWS = {
-    "sobel_fpn": {
-        "deeplabv2.naked.fpn.standard(lr10,scale8)": "naked.fpn.standard.lr10.scale8",
-        "deeplabv2.naked.fpnstandard.learnable.sobel.channelwise(lr10)":
-            "naked.fpn.standard.learnable.sobel.channelwise.lr10",
-        "deeplabv2.naked.fpn.standard.scale10(lr10)": "naked.fpn.standard.scale10.lr10",
-        "deeplabv2.naked.fpn.standard.scale10(lr12)": "naked.fpn.standard.scale10.lr12",
-        "deeplabv2.naked.fpn(lr10,scale8)": "naked.fpn.lr10.scale8",
-        "deeplabv2.naked.fpn.learnable.sobel.channelwise(lr10,2order)":
-            "naked.fpn.learnable.sobel.channelwise.2order.lr10",
-        "deeplabv2.naked.fpn.learnable.sobel.channelwise.1order(lr10)":
-            "naked.fpn.learnable.sobel.channelwise.1order.lr10",
-        "deeplabv2.naked.fpn.learnable.sobel.channelcross.1order.py(lr10)":
-            "naked.fpn.learnable.sobel.channelcross.1order.lr10",
-        "deeplabv2.naked.fpn.learnable.sobel.channelwise.1order.relu":
-            "naked.fpn.learnable.sobel.channelwise.1order.relu",
-        "deeplabv2.naked.fpn.learnable.sobel.resblock.1order.py(lr10)":
-            "naked.fpn.learnable.sobel.resblock.1order.lr10",
-        "deeplabv2.naked.fpn.scale10(lr10)": "naked.fpn.scale10.lr10",
-        "deeplabv2.naked.fpn.scale12(lr10)": "naked.fpn.scale12.lr10",
-        "deeplabv2.naked.fpn.bilinear(lr10)": "naked.fpn.bilinear.lr10",
-        "deeplabv2.naked.fpn.lr1": "naked.fpn.lr1",
-        "deeplabv2.naked.fpn.learnable.sobel.channelwise.lr1": "naked.fpn.learnable.sobel.channelwise.lr1",
-        "deeplabv2.naked.fpn.learnable.sobel.channelcross.lr1": "naked.fpn.learnable.sobel.channelcross.lr1",
-    },
-    "sobel": {
-        "deeplabv2.naked": "naked",
-        "Deeplabv2-resnet101(no multi-branch,no ASPP,with MSF,1GPU,bs8,edge)": "naked.edge",
-        "Deeplabv2-resnet101(no multi-branch,no ASPP,with MSF,1GPU,bs8,edgescale)": "naked.edgescale",
-        "Deeplabv2-resnet101(no multi-branch,no ASPP,with MSF,1GPU,bs8,edge.conv3)": "naked.edge.conv3",
-        "Deeplabv2-resnet101(no multi-branch,no ASPP,with MSF,1GPU,bs8,sobel.lr10)": "naked.sobel.lr10",
-        "Deeplabv2-resnet101(no multi-branch,no ASPP,with MSF,1GPU,bs8,sobel)": "naked.sobel",
-        # struck through in the log, but trained: real configurations
-        "~~Deeplabv2-resnet101(no multi-branch,no ASPP,with MSF,1GPU,bs8,sobel-res234)~~": "naked.sobel-res234",
-        "~~Deeplabv2-resnet101(no multi-branch,no ASPP,with MSF,1GPU,bs8,sobellast)~~": "naked.sobellast",
-        "~~Deeplabv2-resnet101(no multi-branch,no ASPP,with MSF,1GPU,bs8,sobel.head)~~": "naked.sobel.head",
-        "deeplabv2.naked.edge.learnable.sobel": "naked.edge.learnable.sobel",
-        "deeplabv2.naked.edge.learnable.sobel.channelwise": "naked.edge.learnable.sobel.channelwise",
-        "deeplabv2.naked.edge.learnable.sobel.channelwise.lr10": "naked.edge.learnable.sobel.channelwise.lr10",
-        "deeplabv2.naked.edge.learnable.sobel.channelwise.lr1.newcode":
-            "naked.edge.learnable.sobel.channelwise.lr1.newcode",
-        "deeplabv2.naked.edge.learnable.sobel.channelwise.lr10.newcode":
-            "naked.edge.learnable.sobel.channelwise.lr10.newcode",
-    },
-    "gcn": {
-        "deeplabv2.naked.gcn(lr10)": "naked.gcn.lr10",
-        # control from the "sobel FPN" table: the GCN table has no baseline row
-        "deeplabv2.naked.fpn(lr10,scale8)": "naked.fpn.lr10.scale8",
-    },
-    "trimap": {
-        "Deeplabv2-resnet101(no multi-branch,no ASPP,with MSF,1GPU,bs8,trimap)": "naked.trimap",
-        "Deeplabv2-resnet101-pascal(edgemix)": "naked.voc.edgemix",
-        # control from the "sobel" table: the trimap table has no hard-label row
-        "deeplabv2.naked": "naked",
-    },
-    "voc_baseline": {
-        "Deeplabv2-resnet101(no multi-branch,no ASPP,with MSF,4GPU,bs32)": "naked.bs32",
-        "Deeplabv2-resnet101(no multi-branch,no ASPP,with MSF,1GPU,bs8)": "naked.bs8",
-        "Deeplabv2-resnet101(no multi-branch,no ASPP,no MSF,1GPU,bs8)": "naked.bs8",  # same model, single scale
-        "deeplabv2.voc.size512": "voc.size512",
-        "deeplabv2.voc.size512.randomresizefix": "voc.size512",  # segdist always resizes labels nearest
-    },
-    "cityscapes": {
-        "Deeplabv2-resnet101(no multi-branch,no ASPP,with MSF(321x321),1GPU,bs8, 321x321,scale3)":
-            "cs.naked.size321.bs8.scale3",
-        "deeplabv2.cs.resnet101.scale3": "cs.naked.size321.bs8.scale3",  # the same tokens under the defaults
-        "Deeplabv2-resnet101(no multi-branch,no ASPP,with MSF(1024x2048),1GPU,bs1,full,scale3)":
-            "cs.naked.full.bs1.scale3",
-        "deeplabv2.cs.resnet101.scale8(randomresizefix,full,aug,bs1,msf)":
-            "cs.resnet101.scale8.randomresizefix.full.aug.bs1.msf",
-        "deeplabv2.cs.resnet101.scale8": "cs.resnet101.scale8",
-        "deeplabv2.cs.naked.fpn(lr10)": "cs.naked.fpn.lr10",
-        "deeplabv2.cs.naked.fpn.learnable.sobel.resblock.1order": "cs.naked.fpn.learnable.sobel.resblock.1order",
-        "deeplabv2.cs.naked.fpn.learnable.sobel.channelwise.1order(lr10)":
-            "cs.naked.fpn.learnable.sobel.channelwise.1order.lr10",
-        "Deeplabv2-resnet101-cs(edgemix)": "cs.naked.edgemix",
-    },
-    "boundary_stats": {
-        **{f"SPK,kernel={k}": "naked.spk" for k in (19, 15, 11)},
-        **{f"baseline,kernel={k}": "naked" for k in (19, 15, 11)},
-    },
+TRAINING_STUDIES = ("sobel_fpn", "sobel", "gcn", "trimap", "voc_baseline", "cityscapes", "boundary_stats")
+# Fixes (the named bugs of reference/variants.md) and deliberate differences that change a
+# recipe field: {name: {field: segdist's value}} (tune_spaces/README.md lists each).
+FIXES = {
+    "eval_flip": {"eval.flip": "True"},
+    "gcn_paper": {"model.gcn_style": "paper"},
+    "crf_bilateral": {"crf.bilateral": "True"},
+    "crf_log_weights": {"crf.pos_w": "3", "crf.bi_w": "4"},
+    "whole_image_val": {"eval.tile": "-"},  # the "no MSF" row is read from the whole-image val_miou
 }
-
-BASELINES = {
-    "sobel_fpn": "naked.fpn.lr10.scale8",
-    "sobel": "naked",
-    "gcn": "naked.fpn.lr10.scale8",
-    "trimap": "naked",
-    "voc_baseline": "naked.bs8",
-    "cityscapes": "cs.naked.size321.bs8.scale3",
-    "boundary_stats": "naked",
-}
-
-ADAPTIVE = {"sobel_fpn", "sobel"}  # many close variants: seeds go where the ranking is uncertain
-TRAIN_TOKENS = ("head_lr_mult", "epoch_scale", "crop_size", "batch_size")
+# Fixes that segdist applies everywhere, in code paths no recipe field names (tune_spaces/README.md).
+ALWAYS_FIXED = {"labels_nearest", "tile_overlap", "tile_mean_pad", "rrf_swap", "edgemix_soft", "sqrt_floor",
+                "boundary_reference"}
+DOC_COLUMNS = ("study", "row", "result", "variant", "reading", "script", "confidence", "uncertain", "fixes",
+               "original_label_resize")
+CRF_FIELDS = ("crf.iter_max", "crf.pos_w", "crf.pos_xy_std", "crf.bi_w", "crf.bi_xy_std", "crf.bi_rgb_std",
+              "crf.bilateral")
 
 
-def model_facts(variant) -> dict:
-    """What a Variant says besides its name and training tokens. `randomresizefix` is left
-    out: segdist always resizes labels nearest, so the flag is a marker only."""
-    skip = {"name", "randomresizefix", *TRAIN_TOKENS}
-    return {f.name: getattr(variant, f.name) for f in dataclasses.fields(variant) if f.name not in skip}
+def log_rows() -> list[dict[str, str]]:
+    with open(SPACES / "recipes.csv", newline="") as f:
+        return list(csv.DictReader(f))
 
 
-def configurations(study_name: str) -> list[str]:
-    return list(dict.fromkeys(ROWS[study_name].values()))
+def text(value) -> str:
+    """A recipe value as recipes.csv writes it."""
+    if value is None:
+        return "-"
+    return f"{value:g}" if isinstance(value, float) else str(value)
 
 
-def study_path(study_name: str) -> Path:
-    return SPACES / f"{study_name}.yaml"
+def expected(row: dict[str, str]) -> dict[str, str]:
+    """The row's recipe fields with its fixes applied ("n/a": not compared)."""
+    fields = {k: v for k, v in row.items() if k not in DOC_COLUMNS and v != "n/a"}
+    for fix in filter(None, row["fixes"].split(";")):
+        assert fix in FIXES or fix in ALWAYS_FIXED, f"unknown fix {fix!r} in recipes.csv"
+        fields.update({k: v for k, v in FIXES.get(fix, {}).items() if k in fields})
+    return fields
 
 
-def test_every_table_of_the_log_has_a_study():
-    assert sorted(ROWS) == sorted(BASELINES)
-    shipped = {p.stem for p in SPACES.glob("*.yaml")} - {"quickstart", "crf_grid"}
-    assert set(ROWS) <= shipped
+def study_configs(name: str) -> dict[str, object]:
+    return {c.recipe.model.variant: c for c in expand_configs(load_study(SPACES / f"{name}.yaml"))}
 
 
-@pytest.mark.parametrize("study_name", sorted(ROWS))
-def test_study_has_one_configuration_per_mapped_log_row(study_name):
-    study = load_study(study_path(study_name))
-    configs = expand_configs(study)
-    assert study.name == study_name
-    # The exact list, in order: a row dropped from the YAML (or one added) fails here.
-    assert [c.model.variant for c in configs] == configurations(study_name)
-    assert len({c.config_id for c in configs}) == len(configs)
-    for config in configs:
-        parse_variant(config.model.variant)  # raises on an unknown token
+def row_config(row: dict[str, str]):
+    """The configuration that trains a row (the CRF rows read a trained voc.size512 of voc_baseline)."""
+    return study_configs("voc_baseline" if row["study"] == "crf_grid" else row["study"])[row["variant"]]
 
 
-@pytest.mark.parametrize("study_name", sorted(ROWS))
-def test_each_variant_trains_what_its_log_row_says(study_name):
-    """Where the log's own name parses, it and the study's variant agree on the model and,
-    under the study's defaults, on the training values: the rewriting lost no token."""
-    study = load_study(study_path(study_name))
-    base = study.base.train
-    checked = 0
-    for row, variant in ROWS[study_name].items():
-        if not row.lower().startswith("deeplabv2."):
-            continue  # a description, not a variant name (checked by hand in the README)
-        assert model_facts(parse_variant(variant)) == model_facts(parse_variant(row)), f"{row} -> {variant}"
-        assert apply_variant_tokens(base, row) == apply_variant_tokens(base, variant), f"{row} -> {variant}"
-        checked += 1
-    assert checked or study_name == "boundary_stats"
+def test_the_table_covers_every_study_and_row_of_the_log():
+    rows = log_rows()
+    assert {r["study"] for r in rows} == {*TRAINING_STUDIES, "crf_grid"}
+    log = (ROOT.parent / "shared" / "reference" / "000_228ee7611dc2548c.txt")
+    if log.is_file():  # the log itself, where this checkout has it: every table row has a line and back
+        lines = [line for line in log.read_text().splitlines()
+                 if "|" in line and not line.lstrip().startswith(("Arch", "Params", "----"))]
+        assert len(lines) == 57
+        for line in lines:
+            assert any(r["row"] in line for r in rows), line
+        for r in rows:
+            assert any(r["row"] in line for line in lines), r["row"]
 
 
-@pytest.mark.parametrize("study_name", sorted(ROWS))
-def test_study_runs_on_gpus_with_at_least_three_seeds(study_name):
-    study = load_study(study_path(study_name))
-    res = study.resources
-    assert res.gpus_per_worker >= 1 and res.cpus_per_worker >= 4 and res.max_concurrent_trials > 1
+@pytest.mark.parametrize("study_name", TRAINING_STUDIES)
+def test_every_configuration_is_a_row_and_every_row_a_configuration(study_name):
+    configs = study_configs(study_name)
+    variants = [r["variant"] for r in log_rows() if r["study"] == study_name]
+    if study_name == "voc_baseline":
+        variants += [r["variant"] for r in log_rows() if r["study"] == "crf_grid"]
+    assert set(variants) == set(configs), study_name
+    study = load_study(SPACES / f"{study_name}.yaml")
+    assert study.protocol == "original" and study.baseline in configs
+
+
+def actual(row: dict[str, str]) -> dict[str, str]:
+    """What segdist trains and reads for a row: its configuration's recipe, the evaluation
+    its `reading` names, and the CRF setting of crf_grid.yaml that scores it."""
+    from segdist.crf import load_crf_grid
+    from segdist.recipe import show
+    from segdist.train import WHOLE_IMAGE
+
+    recipe = row_config(row).recipe
+    flat = {k: text(v) for k, v in recipe.flat().items()}
+    reading = row["reading"]
+    if reading == "val_miou":  # every epoch's whole-image evaluation
+        flat.update({f"eval.{k}": text(show(f"eval.{k}", v)) for k, v in vars(WHOLE_IMAGE).items()})
+    elif reading.startswith("final_boundary"):  # one of the kernels of the final evaluation
+        k = reading.split()[0].removeprefix("final_boundary")
+        flat["eval.boundary_kernels"] = k if int(k) in recipe.eval.boundary_kernels else flat["eval.boundary_kernels"]
+    if row["study"] == "crf_grid":  # the grid setting with the row's parameters, if crf_grid.yaml has it
+        want, names = expected(row), ("iter_max", "pos_w", "pos_xy_std", "bi_w", "bi_xy_std", "bi_rgb_std")
+        grid = [vars(p) for p in load_crf_grid(SPACES / "crf_grid.yaml").combinations()]
+        found = next((p for p in grid if all(text(float(p[n])) == want[f"crf.{n}"] for n in names)), None)
+        flat.update({f"crf.{n}": text(float(found[n])) if found else "-" for n in names})
+        flat["crf.bilateral"] = "True" if found else "-"  # segdist's DenseCRF always runs the bilateral term
+    return flat
+
+
+@pytest.mark.parametrize("row", log_rows(), ids=lambda r: f"{r['study']}:{r['variant']}:{r['result'][:12]}")
+def test_each_row_trains_as_its_script_did(row):
+    flat = actual(row)
+    wrong = {k: (flat[k], v) for k, v in expected(row).items() if flat[k] != v}
+    assert not wrong, f"{row['row']}: (segdist, recipes.md) {wrong}"
+
+
+def test_a_row_without_a_fix_keeps_the_original_value():
+    """The fixes are the only differences: a row whose flip were not fixed would fail."""
+    row = next(r for r in log_rows() if r["variant"] == "naked.gcn.lr10")
+    assert expected(row)["eval.flip"] == "True" and row["eval.flip"] == "False"
+    assert expected(row)["model.gcn_style"] == "paper" and row["model.gcn_style"] == "original"
+    crf = next(r for r in log_rows() if r["row"] == "bi_xy_std = 67, bi_rgb_std = 3")
+    assert (crf["crf.pos_w"], crf["crf.bi_w"], crf["crf.bilateral"]) == ("4", "5", "False")  # the code's
+    assert (expected(crf)["crf.pos_w"], expected(crf)["crf.bi_w"], expected(crf)["crf.bilateral"]) == ("3", "4", "True")
+
+
+def test_every_fix_and_uncertain_row_is_in_the_readme():
+    readme = (SPACES / "README.md").read_text()
+    for fix in set(FIXES) | ALWAYS_FIXED:
+        assert f"`{fix}`" in readme, fix
+    for r in log_rows():
+        assert f"`{r['variant']}`" in readme, r["variant"]
+
+
+@pytest.mark.parametrize("study_name", TRAINING_STUDIES)
+def test_studies_run_on_gpus_with_at_least_three_seeds(study_name):
+    study = load_study(SPACES / f"{study_name}.yaml")
+    assert study.max_concurrent_trials > 1 and study.screening is None  # ASHA would bias the statistics
     assert len(study.seeds.initial) >= 3 and study.seeds.max_seeds >= 3
-    assert study.seeds.adaptive == (study_name in ADAPTIVE)
-    if study.seeds.adaptive:
-        assert study.seeds.max_seeds > len(study.seeds.initial)
-    assert study.baseline == BASELINES[study_name]
-    assert study.baseline in configurations(study_name)
-    base = study.base
-    assert base.model.depth == 101 and base.model.width == 64 and base.model.pretrained
-    assert base.train.precision == "bf16" and base.train.optimizer == "sgd"
-    assert base.eval.scales == (0.5, 0.75, 1.0, 1.25, 1.5) and base.eval.flip
-    assert study.screening is None  # ASHA would bias the seed statistics
+    for config in expand_configs(study):
+        r = config.recipe.resources
+        assert r.gpus_per_worker >= 1 and r.cpus_per_worker >= 4
+        assert config.recipe.model.depth == 101 and config.recipe.model.pretrained == "tensorpack"
+        data = config.data
+        dataset = config.recipe.train.dataset
+        assert dataset in data.train_shards and dataset in data.val_shards
+        assert data.train_shards.endswith(config.recipe.train.train_list)
 
 
-@pytest.mark.parametrize("study_name", sorted(ROWS))
-def test_cityscapes_rows_run_only_on_cityscapes_shards(study_name):
-    study = load_study(study_path(study_name))
-    datasets = {parse_variant(c.model.variant).dataset for c in expand_configs(study)}
-    if study_name == "cityscapes":
-        assert datasets == {"cityscapes"}
-        assert "cityscapes" in study.base.data.train_shards and "cityscapes" in study.base.data.val_shards
-    else:
-        assert "cityscapes" not in datasets
-        assert "voc" in study.base.data.train_shards and "voc" in study.base.data.val_shards
+def test_per_configuration_resources_and_passes():
+    """The 4-GPU row: 4 workers x its per-GPU batch 8, 32 passes per epoch (each GPU draws its
+    own batches, as tensorpack's trainer did); the 1-GPU rows 8."""
+    configs = study_configs("voc_baseline")
+    four, one = configs["naked.4gpu.bs8"].recipe, configs["naked.bs8"].recipe
+    assert (four.resources.workers, four.train.batch_size, four.passes_per_epoch) == (4, 8, 32)
+    assert (one.resources.workers, one.train.batch_size, one.passes_per_epoch) == (1, 8, 8)
+    # 10582 train_aug images: floor(10582 / 8) x 8 steps per epoch whatever the workers
+    assert four.steps_per_epoch(10582, 4) == one.steps_per_epoch(10582, 1) == 1322 * 8
 
 
-def test_study_specific_settings():
-    assert load_study(study_path("boundary_stats")).base.eval.boundary_kernels == (11, 15, 19)
-    by_variant = {c.model.variant: c.train for c in expand_configs(load_study(study_path("voc_baseline")))}
-    assert (by_variant["naked.bs32"].batch_size, by_variant["naked.bs8"].batch_size) == (32, 8)
-    assert by_variant["voc.size512"].crop_size == 512
-    by_variant = {c.model.variant: c.train for c in expand_configs(load_study(study_path("cityscapes")))}
-    assert by_variant["cs.naked.full.bs1.scale3"].batch_size == 1
-    assert by_variant["cs.naked.size321.bs8.scale3"].epoch_scale == 3
-    # A row without lrN trains at 1x (the original's multiplier matched no variable).
-    by_variant = {c.model.variant: c.train for c in expand_configs(load_study(study_path("sobel")))}
-    assert by_variant["naked.sobel"].head_lr_mult == 1 and by_variant["naked.sobel.lr10"].head_lr_mult == 10
+def test_crf_grid_is_the_logs_grid_with_the_bilateral_term():
+    from segdist.crf import load_crf_grid
+
+    grid = load_crf_grid(SPACES / "crf_grid.yaml")
+    combos = [(p.iter_max, p.pos_w, p.pos_xy_std, p.bi_w, p.bi_xy_std, p.bi_rgb_std) for p in grid.combinations()]
+    assert combos == [(10, 3, 1, 4, 67, 3), (10, 3, 1, 4, 67, 10)]
 
 
 # ----------------------------------------------------------------- --smoke: train every configuration
 
-SMOKE_CASES = [(name, variant) for name in sorted(ROWS) for variant in configurations(name)]
+SMOKE_CASES = [(name, variant) for name in TRAINING_STUDIES for variant in sorted(study_configs(name))]
 
 
 @pytest.mark.parametrize(("study_name", "variant"), SMOKE_CASES, ids=[f"{s}:{v}" for s, v in SMOKE_CASES])
 def test_every_configuration_trains_one_smoke_epoch(study_name, variant, tiny_shards):
     train_dir, val_dir = tiny_shards
-    study = smoke_study(load_study(study_path(study_name)), str(train_dir), str(val_dir))
-    (config,) = [c for c in expand_configs(study) if c.model.variant == variant]
-    # the tiny sizes hold whatever the variant's tokens say (size512, bs32, scale8, full)
-    assert (config.model.depth, config.model.width, config.model.pretrained) == (18, 4, None)
-    assert (config.train.epochs, config.train.batch_size, config.train.crop_size, config.train.epoch_scale) == (
-        1, 2, 32, 1.0)
+    study = smoke_study(load_study(SPACES / f"{study_name}.yaml"), str(train_dir), str(val_dir))
+    (config,) = [c for c in expand_configs(study) if c.recipe.model.variant == variant]
+    r = config.recipe
+    # the tiny sizes hold whatever the variant's tokens say (size512, 4gpu, scale8, full)
+    assert (r.model.depth, r.model.width, r.model.pretrained) == (18, 4, None)
+    assert (r.train.epochs, r.train.batch_size, r.train.crop_size, r.train.epoch_scale) == (1, 2, (32, 32), 1.0)
+    assert r.resources.workers == 1 and r.eval.tile in (None, (32, 32))
     reports = []
     started = time.perf_counter()
     fit(config, rank=0, world_size=1, device=torch.device("cpu"),
         report=lambda metrics, state: reports.append(metrics))
-    assert time.perf_counter() - started < 60
+    assert time.perf_counter() - started < 120
     assert [m["epoch"] for m in reports] == [0]
     assert math.isfinite(reports[0]["val_miou"]) and 0.0 <= reports[0]["val_miou"] <= 1.0
     assert math.isfinite(reports[0]["train_loss"])
-    # the study's own evaluation (MSF + flip, boundary statistics) ran at the last epoch
+    # the recipe's own evaluation (scales, flip, tiles, boundary statistics) ran at the last epoch
     assert math.isfinite(reports[0]["final_miou"])
-    for k in config.eval.boundary_kernels:
+    for k in r.eval.boundary_kernels:
         assert {f"final_boundary{k}_miou", f"final_inner{k}_miou"} <= set(reports[0]), k
 
 
-@pytest.mark.parametrize("study_name", sorted(ROWS))
+@pytest.mark.parametrize("study_name", TRAINING_STUDIES)
 def test_smoke_dry_run_lists_every_configuration_once(study_name, tmp_path, monkeypatch, capsys):
     from segdist.tune import main
 
     monkeypatch.chdir(tmp_path)
-    assert main(["--space", str(study_path(study_name)), "--smoke", "--dry-run"]) == 0
+    assert main(["--space", str(SPACES / f"{study_name}.yaml"), "--smoke", "--dry-run"]) == 0
     out = capsys.readouterr().out
-    n = len(configurations(study_name))
-    assert f"{n} trials ({n} configurations x seeds; seeds [0])" in out
-    for variant in configurations(study_name):
+    n = len(study_configs(study_name))
+    assert f"{n} trials ({n} configurations x seeds; seeds [0]; protocol original)" in out
+    for variant in study_configs(study_name):
         assert f"variant={variant} " in out
+
+
+def test_explain_prints_every_configurations_recipe(capsys):
+    from segdist.tune import main
+
+    assert main(["--space", str(SPACES / "voc_baseline.yaml"), "--explain", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "protocol original, 3 configurations" in out
+    assert "| train.optimizer | adam_tf1 |" in out  # shared by all: once, in the common table
+    assert "| eval.scales | 0.9,1,1.1 |" in out
+    for variant in study_configs("voc_baseline"):
+        assert f" {variant} |" in out
+    header = next(line for line in out.splitlines() if line.startswith("| configuration |"))
+    assert "resources.workers" in header and "train.crop_size" in header and "model.classifier_bias" in header
 
 
 # ----------------------------------------------------------------- the real runner, smoke-sized
@@ -261,7 +241,7 @@ def test_gcn_study_smoke_runs_on_ray_and_records_one_child_run_per_configuration
     from mlflow.tracking import MlflowClient
 
     db = tmp_path / "mlflow.db"
-    result = run_cli(["segdist.tune", "--space", str(study_path("gcn")), "--smoke",
+    result = run_cli(["segdist.tune", "--space", str(SPACES / "gcn.yaml"), "--smoke",
                       "--tracking-uri", f"sqlite:///{db}"], cwd=tmp_path, timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     client = MlflowClient(f"sqlite:///{db}")
@@ -271,14 +251,17 @@ def test_gcn_study_smoke_runs_on_ray_and_records_one_child_run_per_configuration
     parents = [r for r in runs if r.data.tags.get("segdist.role") == "study"]
     children = [r for r in runs if r.data.tags.get("segdist.role") == "trial"]
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
-    assert sorted(r.data.params["model.variant"] for r in children) == sorted(configurations("gcn"))
+    assert sorted(r.data.params["model.variant"] for r in children) == sorted(study_configs("gcn"))
     for run in children:
         assert run.info.status == "FINISHED"
         assert run.data.tags.get("segdist.status") == "finished"
         assert run.data.tags["mlflow.parentRunId"] == parents[0].info.run_id
         assert run.data.params["train.seed"] == "0"
+        # every recipe field is a param of the trial
+        assert run.data.params["train.optimizer"] == "adam_tf1" and run.data.params["recipe.protocol"] == "original"
+        assert run.data.params["train.multipliers.decoder"] == "W x10, b x20, decay"
         history = client.get_metric_history(run.info.run_id, "val_miou")
         assert [m.step for m in history] == [0] and math.isfinite(history[0].value)
-        assert math.isfinite(run.data.metrics["final_miou"])  # the study's MSF evaluation
+        assert math.isfinite(run.data.metrics["final_miou"])  # the recipe's evaluation
     report = open(client.download_artifacts(parents[0].info.run_id, "report.md")).read()
     assert "naked.gcn.lr10" in report and "naked.fpn.lr10.scale8" in report
