@@ -528,7 +528,7 @@ def _add_train(sub) -> argparse.ArgumentParser:
 
 def _big_trial(base, depth: int, width: int, batch: int = 2, crop: int = 321):
     """`base` with the DeepLab-protocol naked ResNet (output stride 8) the bench measures."""
-    from segdist.recipe import resolve_recipe
+    from segdist.resolve import resolve_recipe
 
     recipe = resolve_recipe({
         "model.variant": "naked", "model.depth": depth, "model.width": width, "model.output_stride": 8,

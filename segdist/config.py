@@ -24,16 +24,8 @@ from typing import Any
 import yaml
 
 from segdist.errors import SegdistError
-from segdist.recipe import (
-    PROTOCOLS,
-    SECTIONS,
-    Recipe,
-    _coerce,
-    coerce_value,
-    from_dict,
-    resolve_recipe,
-    settable_keys,
-)
+from segdist.recipe import PROTOCOLS, SECTIONS, Recipe, from_dict
+from segdist.resolve import coerce, coerce_value, resolve_recipe, settable_keys
 
 
 @dataclass(frozen=True)
@@ -284,7 +276,7 @@ _DATA_TYPES = {"train_shards": str, "val_shards": str, "synthetic_root": str | N
 
 def _data_config(raw: dict, where: str) -> DataConfig:
     _reject_unknown(raw, _DATA_TYPES, f"{where}: data", "key")
-    return DataConfig(**{k: _coerce(v, _DATA_TYPES[k], f"{where}: data.{k}") for k, v in raw.items()})
+    return DataConfig(**{k: coerce(v, _DATA_TYPES[k], f"{where}: data.{k}") for k, v in raw.items()})
 
 
 def _as_int(value: Any, where: str) -> int:
@@ -298,7 +290,7 @@ def _parse_seeds(raw: Any, where: str) -> SeedPolicy:
         _reject_unknown(raw, ("min", "max", "ci_halfwidth"), f"{where}: seeds", "key")
         low = _as_int(raw.get("min", 2), f"{where}: seeds.min")
         high = _as_int(raw.get("max", 8), f"{where}: seeds.max")
-        target = _coerce(raw.get("ci_halfwidth", 0.5), float, f"{where}: seeds.ci_halfwidth")
+        target = coerce(raw.get("ci_halfwidth", 0.5), float, f"{where}: seeds.ci_halfwidth")
         if not 2 <= low <= high:
             raise SegdistError(f"{where}: seeds needs 2 <= min <= max (a spread needs two seeds), got min={low} max={high}")
         if target <= 0:
@@ -345,7 +337,7 @@ def _parse_search_dim(key: str, spec: Any, where: str) -> SearchDim:
     if not isinstance(values, list) or not values:
         raise SegdistError(f"{where}: search.{key}.{kind} must be a non-empty list")
     if kind in ("loguniform", "uniform"):
-        low, high = (_coerce(v, float, f"{where}: search.{key}") for v in values) if len(values) == 2 else (0, -1)
+        low, high = (coerce(v, float, f"{where}: search.{key}") for v in values) if len(values) == 2 else (0, -1)
         if not 0 <= low < high or (kind == "loguniform" and low == 0):
             raise SegdistError(f"{where}: search.{key}.{kind} must be [low, high] with 0 < low < high")
         return SearchDim(key, kind, (low, high))

@@ -635,7 +635,7 @@ def benchmark(
     DenseCRF (DeepLab defaults) on random images with a randomly initialised model."""
     from segdist.crf import CrfParams, CrfPool
     from segdist.models import build_model
-    from segdist.recipe import resolve_recipe
+    from segdist.resolve import resolve_recipe
 
     torch.manual_seed(seed)
     device_t = torch.device(device)

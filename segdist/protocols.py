@@ -1,4 +1,4 @@
-"""The defaults a variant resolves to (segdist.recipe.resolve_recipe), per protocol.
+"""The defaults a variant resolves to (segdist.resolve.resolve_recipe), per protocol.
 
 `original` reproduces the script behind each results-log row (reference/recipes.md; the
 facts below cite its codes: OPT, M-NAKED, M-FPN, AUG-A, EVAL-A, T), with the named bugs of
@@ -199,7 +199,7 @@ def _original_family(v: Variant) -> dict[str, Any]:
 
 def token_values(protocol: str, v: Variant) -> dict[str, tuple[Any, str]]:
     """The fields the variant's training tokens fix: {key: (value, token)}. A study value
-    that differs from one of these is an error (segdist.recipe.resolve_recipe)."""
+    that differs from one of these is an error (segdist.resolve.resolve_recipe)."""
     out: dict[str, tuple[Any, str]] = {}
     if v.epoch_scale is not None:
         out["train.epoch_scale"] = (v.epoch_scale, f"scale{v.epoch_scale:g}")

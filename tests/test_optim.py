@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from segdist.optim import AdamTF1, apply_gradient_rules, lr_factor, make_optimizer, weight_decay_at
-from segdist.recipe import resolve_recipe
+from segdist.resolve import resolve_recipe
 
 
 def tf1_adam_reference(grads, p0, lr, eps, beta1=0.9, beta2=0.999):

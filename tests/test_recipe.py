@@ -5,7 +5,8 @@ import dataclasses
 import pytest
 
 from segdist.errors import SegdistError
-from segdist.recipe import GroupRule, Recipe, explain_table, from_dict, resolve_recipe
+from segdist.recipe import GroupRule, Recipe, explain_table, from_dict
+from segdist.resolve import resolve_recipe
 
 
 def resolve(variant="naked", protocol="original", **values):
@@ -59,7 +60,7 @@ def test_study_values_override_defaults_and_are_coerced():
     r = resolve("naked", train__crop_size=(400, 400), train__image_pad="mean", eval__scales=(0.5, 1.0))
     assert r.train.crop_size == (400, 400) and r.eval.tile == (400, 400)  # EVAL-A(t): tiles of the crop
     assert r.train.image_pad == (124, 116, 104)
-    from segdist.recipe import coerce_value
+    from segdist.resolve import coerce_value
 
     assert coerce_value("train.crop_size", 321, "w") == (321, 321)
     assert coerce_value("eval.scales", "deeplab", "w") == (0.5, 0.75, 1.0, 1.25, 1.5)

@@ -143,7 +143,7 @@ def test_a_resumed_trial_reports_the_history_its_checkpoint_holds(tiny_shards):
     ],
 )
 def test_precision_auto_is_bf16_and_channels_last_on_cuda_only(precision, channels_last, device, expected):
-    from segdist.recipe import resolve_recipe
+    from segdist.resolve import resolve_recipe
 
     train = resolve_recipe({"train.precision": precision, "train.channels_last": channels_last}, "deeplab", "t").train
     assert resolve_precision(train, torch.device(device)) == expected

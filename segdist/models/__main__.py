@@ -43,7 +43,7 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     from segdist.models import build_model, describe_model
-    from segdist.recipe import resolve_recipe
+    from segdist.resolve import resolve_recipe
 
     if args.classes < 1:
         raise SegdistError(f"--classes must be at least 1, got {args.classes}")

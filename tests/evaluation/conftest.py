@@ -15,7 +15,7 @@ from segdist.data.shard_writer import build_shards
 from segdist.data.synthetic import write_synthetic_voc
 from segdist.data.voc import iter_voc
 from segdist.models import build_model
-from segdist.recipe import resolve_recipe
+from segdist.resolve import resolve_recipe
 
 
 @pytest.fixture(autouse=True)

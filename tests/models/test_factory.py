@@ -11,7 +11,7 @@ from segdist.models import SegModel, build_model, count_params, describe_model, 
 from segdist.models.heads import ASPPHead, NakedHead
 from segdist.models.resnet import ResNet
 from segdist.optim import make_optimizer
-from segdist.recipe import resolve_recipe
+from segdist.resolve import resolve_recipe
 
 
 def tiny_recipe(variant="naked", protocol="deeplab", **fields):

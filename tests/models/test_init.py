@@ -19,7 +19,7 @@ from segdist.models.heads import BasicBlockHead, NakedHead
 from segdist.models.init import conv_fan, init_conv, variance_scaling_, xavier_uniform_
 from segdist.models.resnet import Bottleneck, ResNet
 from segdist.models.sobel import EdgeInput, LearnableSobel, MaskedConv3x3, SobelResBlock
-from segdist.recipe import resolve_recipe
+from segdist.resolve import resolve_recipe
 
 TRUNC = 0.8796  # std of N(0, 1) truncated at +-2
 

@@ -14,7 +14,7 @@ from segdist.models.__main__ import main
 from segdist.models.fpn import FPNDecoder
 from segdist.models.heads import BasicBlockHead, NakedHead
 from segdist.models.tf1 import SameConv2d, SameMaxPool2d
-from segdist.recipe import resolve_recipe
+from segdist.resolve import resolve_recipe
 
 R101_BACKBONE = 42_500_160  # torchvision ResNet-101 without fc
 

@@ -325,7 +325,9 @@ def test_tensorpack_npz_with_tf_suffix_by_name(server, torch_home):
     data = buffer.getvalue()
     server.add("ImageNet-ResNet50.npz", data)
 
-    target = ResNet(50, width=4, output_stride=16)
+    # into the original's backbone: output stride 16, res3/res4 strided on the 1x1 conv, res4 dilated 2
+    target = ResNet(50, width=4, output_stride=16, strides=(2, 2, 1), dilations=(1, 2, 4),
+                    stride_on=("1x1", "1x1", "3x3"), framework="tf1", init="tensorpack")
     digest = load_pretrained(target, "tensorpack", progress=False)
     assert digest == hashlib.sha256(data).hexdigest()  # recorded although nothing is published to check
     assert server.counts["/weights/ImageNet-ResNet50.npz"] == 1

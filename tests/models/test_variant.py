@@ -4,7 +4,7 @@ import pytest
 
 from segdist.errors import SegdistError
 from segdist.models.variant import DECODERS, FAMILIES, Variant, parse_variant, valid_tokens
-from segdist.recipe import resolve_recipe
+from segdist.resolve import resolve_recipe
 
 # Every dotted name in reference/000_228ee7611dc2548c.txt, as written there.
 LOG_NAMES = [

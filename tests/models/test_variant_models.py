@@ -10,7 +10,8 @@ from segdist.models.fpn import BoundaryRefine, GlobalConv, ResidualBlock, Up
 from segdist.models.heads import BasicBlockHead
 from segdist.models.sobel import EdgeInput, FixedSobel, LearnableSobel, MaskedConv3x3, SobelResBlock
 from segdist.optim import apply_gradient_rules, make_optimizer
-from segdist.recipe import GROUPS, resolve_recipe
+from segdist.recipe import GROUPS
+from segdist.resolve import resolve_recipe
 
 VARIANTS = [
     "naked",

@@ -1,0 +1,222 @@
+"""How a configuration's values become its recipe (segdist.recipe.Recipe).
+
+Resolution (`resolve_recipe`), in this order:
+1. the protocol's defaults for the variant's script family (segdist.protocols): `original`
+   reproduces each results-log row's script (reference/recipes.md) with the named bugs of
+   reference/variants.md fixed; `deeplab` is DeepLab v2's own recipe, for new studies;
+2. what the variant's tokens fix (size512 -> crop 512, bs8 -> batch 8, 4gpu -> 4 workers, ...);
+3. the study's own values (its sections and the search's choices), coerced by `coerce_value`.
+   A study value that contradicts a token is an error, never a silent override;
+4. the values derived from the others (tiles default to the crop, strides from the output stride);
+then `check_recipe`'s table of checks. Every mistake is one SegdistError line.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+from typing import Any
+
+from segdist import protocols
+from segdist.errors import SegdistError
+from segdist.models.variant import parse_variant
+from segdist.recipe import GROUPS, NAMED_SCALES, OPTIMIZERS, PROTOCOLS, SECTIONS, GroupRule, Recipe, show
+
+# Fields the variant decides (a study may not set them) and fields derived from others.
+FROM_VARIANT = {
+    "model.decoder", "model.edge_input", "model.fixed_sobel_at", "model.learnable_sobel",
+    "model.learnable_sobel_at", "model.sobel_relu", "model.spk", "train.label_mode", "train.edgemix_radius",
+}
+DERIVED = {"model.strides", "model.dilations"}
+
+
+def settable_keys() -> list[str]:
+    """Every `section.field` a study may set."""
+    keys = [f"{s}.{f.name}" for s, cls in SECTIONS.items() for f in dataclasses.fields(cls)]
+    return [k for k in keys if k not in FROM_VARIANT | DERIVED]
+
+
+def coerce_value(key: str, value: Any, where: str) -> Any:
+    """A study's YAML value for `key`, checked and converted to the recipe's type; a wrong
+    type is one SegdistError line naming `where` and the key."""
+    section, _, name = key.partition(".")
+    if section not in SECTIONS or name not in {f.name for f in dataclasses.fields(SECTIONS[section])}:
+        raise SegdistError(f"{where}: unknown key {key!r}")
+    if key in FROM_VARIANT:
+        raise SegdistError(f"{where}: {key} comes from the variant's tokens, not from the study")
+    if key in DERIVED:
+        raise SegdistError(f"{where}: {key} is derived (from model.output_stride and the protocol)")
+    here = f"{where}: {key}"
+    if key in ("train.crop_size", "eval.tile"):
+        if value is None and key == "eval.tile":
+            return None
+        if isinstance(value, int) and not isinstance(value, bool):
+            return (value, value)
+        return coerce(value, tuple[int, int], here)
+    if key == "train.image_pad":
+        return value if value == "mean" else coerce(value, tuple[int, int, int], here)
+    if key == "eval.scales" and isinstance(value, str):
+        if value not in NAMED_SCALES:
+            raise SegdistError(f"{here}: unknown scale set {value!r}; valid: {', '.join(NAMED_SCALES)} or a list")
+        return NAMED_SCALES[value]
+    if key == "train.multipliers":
+        return _coerce_multipliers(value, here)
+    return coerce(value, typing.get_type_hints(SECTIONS[section])[name], here)
+
+
+def _coerce_multipliers(value: Any, where: str) -> dict[str, GroupRule | tuple]:
+    """{group: W | [W, b] | [W, b, decay]} -> {group: (W, b or None, decay or None)}: partial rules
+    that resolve_recipe completes from the protocol's (a number W means bias 2W)."""
+    if not isinstance(value, dict):
+        raise SegdistError(f"{where}: expected a mapping of groups ({', '.join(GROUPS)}) to W, [W, b] or [W, b, decay]")
+    out = {}
+    for group, rule in value.items():
+        if group not in GROUPS:
+            raise SegdistError(f"{where}: unknown group {group!r}; valid: {', '.join(GROUPS)}")
+        items = list(rule) if isinstance(rule, (list, tuple)) else [rule]
+        if not 1 <= len(items) <= 3:
+            raise SegdistError(f"{where}.{group}: expected W, [W, b] or [W, b, decay], got {rule!r}")
+        weight = coerce(items[0], float, f"{where}.{group}")
+        bias = coerce(items[1], float, f"{where}.{group}") if len(items) > 1 else 2 * weight
+        decay = coerce(items[2], bool, f"{where}.{group}") if len(items) > 2 else None
+        out[group] = (weight, bias, decay)
+    return out
+
+
+def coerce(value: Any, hint: Any, where: str) -> Any:
+    """Check a YAML value against a field annotation; convert where YAML is loose."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        options = [a for a in typing.get_args(hint) if a is not type(None)]
+        return None if value is None else coerce(value, options[0], where)
+    if origin is tuple and typing.get_args(hint)[-1] is Ellipsis:
+        if not isinstance(value, (list, tuple)):
+            raise SegdistError(f"{where}: expected a list, got {value!r}")
+        return tuple(coerce(v, typing.get_args(hint)[0], where) for v in value)
+    if origin is tuple:
+        args = typing.get_args(hint)
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            raise SegdistError(f"{where}: expected a list of {len(args)} values, got {value!r}")
+        return tuple(coerce(v, t, where) for v, t in zip(value, args, strict=True))
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise SegdistError(f"{where}: expected true or false, got {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise SegdistError(f"{where}: expected an integer, got {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+            raise SegdistError(f"{where}: expected a number, got {value!r}")
+        try:
+            return float(value)  # YAML reads 1e-3 as a string
+        except ValueError:
+            raise SegdistError(f"{where}: expected a number, got {value!r}") from None
+    if hint is str:
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise SegdistError(f"{where}: expected a string, got {value!r}")
+        return str(value)
+    return value
+
+
+# ----------------------------------------------------------------------------- resolution
+
+
+def resolve_recipe(values: dict[str, Any], protocol: str, where: str, *, smoke: bool = False) -> Recipe:
+    """The recipe of one configuration. `values`: the study's coerced `section.field` values
+    (coerce_value) including the search's choices; `protocol`: original | deeplab; `where`:
+    the study file, for errors. `smoke`: tiny CPU sizes (segdist.protocols.SMOKE) that no token
+    or study value can enlarge. Raises SegdistError (one line) for an unknown token, a study
+    value that contradicts a token, or an invalid combination (check_recipe)."""
+    if protocol not in PROTOCOLS:
+        raise SegdistError(f"{where}: protocol must be one of {', '.join(PROTOCOLS)}, got {protocol!r}")
+    try:
+        variant = parse_variant(values.get("model.variant", "naked"))
+    except SegdistError as err:
+        raise SegdistError(f"{where}: {err}") from None
+    merged = protocols.defaults(protocol, variant)
+    for key, (value, token) in protocols.token_values(protocol, variant).items():
+        if key in values and values[key] != value:
+            raise SegdistError(f"{where}: {key}: {show(key, values[key])} contradicts variant {variant.name!r} "
+                               f"(token {token!r} sets {show(key, value)})")
+        merged[key] = value
+    study = dict(values)
+    multipliers = protocols.merge_multipliers(merged["train.multipliers"], study.pop("train.multipliers", {}),
+                                              protocols.token_groups(protocol, variant), variant.name, where)
+    merged.update(study)
+    merged["train.multipliers"] = multipliers
+    merged = protocols.derive(merged, protocol, variant, explicit=set(values), where=where)
+    if smoke:
+        merged.update(protocols.smoke_values(merged))
+    recipe = _build(merged, protocol, protocols.source(protocol, variant))
+    check_recipe(recipe, where)
+    return recipe
+
+
+def _build(merged: dict[str, Any], protocol: str, source: str) -> Recipe:
+    sections = {}
+    for section, cls in SECTIONS.items():
+        sections[section] = cls(**{f.name: merged[f"{section}.{f.name}"] for f in dataclasses.fields(cls)})
+    return Recipe(protocol=protocol, source=source, **sections)
+
+
+def check_recipe(recipe: Recipe, where: str) -> None:
+    """Checks that need more than one field; each failure is one SegdistError line."""
+    m, t, e, r = recipe.model, recipe.train, recipe.eval, recipe.resources
+    low, high = t.scale_range
+    steps = [epoch for epoch, _ in t.lr_steps]
+    checks = [
+        (t.epochs >= 1, f"train.epochs must be at least 1, got {t.epochs}"),
+        (t.batch_size >= 1, f"train.batch_size must be at least 1, got {t.batch_size}"),
+        (min(t.crop_size) >= 16, f"train.crop_size must be at least 16, got {show('train.crop_size', t.crop_size)}"),
+        (0 < low <= high, f"train.scale_range must be [low, high] with 0 < low <= high, got {list(t.scale_range)}"),
+        (t.lr > 0 and math.isfinite(t.lr), f"train.lr must be a positive number, got {t.lr}"),
+        (t.optimizer in OPTIMIZERS, f"train.optimizer must be one of {', '.join(OPTIMIZERS)}, got {t.optimizer!r}"),
+        (t.adam_epsilon > 0, f"train.adam_epsilon must be positive, got {t.adam_epsilon}"),
+        (t.schedule in ("poly", "steps"), f"train.schedule must be poly or steps, got {t.schedule!r}"),
+        (steps == sorted(set(steps)) and all(s >= 1 for s in steps) and all(f > 0 for _, f in t.lr_steps),
+         f"train.lr_steps must be [epoch, factor] pairs with increasing epochs >= 1, got {list(t.lr_steps)}"),
+        (t.weight_decay >= 0 and t.weight_decay_every >= 0 and t.weight_decay_rate > 0,
+         "train.weight_decay and weight_decay_every must be >= 0 and weight_decay_rate > 0"),
+        (t.epoch_scale > 0, f"train.epoch_scale must be positive, got {t.epoch_scale}"),
+        (t.augmentation in ("tensorpack", "deeplab"), f"train.augmentation must be tensorpack or deeplab, got {t.augmentation!r}"),
+        (0 <= t.aspect_jitter < 1, f"train.aspect_jitter must be in [0, 1), got {t.aspect_jitter}"),
+        (all(0 <= c <= 255 for c in t.image_pad), f"train.image_pad must be 'mean' or RGB values 0..255, got {t.image_pad}"),
+        (t.trimap_band in ("original", "3x3"), f"train.trimap_band must be original or 3x3, got {t.trimap_band!r}"),
+        (t.train_list in ("train", "train_aug"), f"train.train_list must be train or train_aug, got {t.train_list!r}"),
+        (t.precision in ("auto", "fp32", "bf16"), f"train.precision must be auto, fp32 or bf16, got {t.precision!r}"),
+        (t.on_bad_sample in ("raise", "skip"), f"train.on_bad_sample must be raise or skip, got {t.on_bad_sample!r}"),
+        (t.on_nan in ("stop", "skip"), f"train.on_nan must be stop or skip, got {t.on_nan!r}"),
+        (t.max_failures >= 0, f"train.max_failures must be >= 0, got {t.max_failures}"),
+        (m.depth in (18, 34, 50, 101, 152), f"model.depth must be 18, 34, 50, 101 or 152, got {m.depth}"),
+        (m.output_stride in (8, 16, 32), f"model.output_stride must be 8, 16 or 32, got {m.output_stride}"),
+        (m.norm in ("batch", "sync", "frozen"), f"model.norm must be batch, sync or frozen, got {m.norm!r}"),
+        (m.width >= 4, f"model.width must be at least 4, got {m.width}"),
+        (m.framework in ("tf1", "pytorch"), f"model.framework must be tf1 or pytorch, got {m.framework!r}"),
+        (m.init in ("tensorpack", "pytorch"), f"model.init must be tensorpack or pytorch, got {m.init!r}"),
+        (m.fixed_sobel_form in ("square", "sqrt", "identity"),
+         f"model.fixed_sobel_form must be square, sqrt or identity, got {m.fixed_sobel_form!r}"),
+        (m.learnable_sobel_form in ("1order", "2order", "sqrt"),
+         f"model.learnable_sobel_form must be 1order, 2order or sqrt, got {m.learnable_sobel_form!r}"),
+        (m.sobel_init in ("random", "sobel"), f"model.sobel_init must be random or sobel, got {m.sobel_init!r}"),
+        (m.gcn_style in ("paper", "original"), f"model.gcn_style must be paper or original, got {m.gcn_style!r}"),
+        (len(e.scales) >= 1 and all(0 < x <= 4 for x in e.scales),
+         f"eval.scales must be a non-empty list of numbers in (0, 4], got {list(e.scales)}"),
+        (e.tile is None or min(e.tile) >= 16, f"eval.tile must be at least 16 pixels, got {e.tile}"),
+        (all(k >= 3 and k % 2 == 1 for k in e.boundary_kernels),
+         f"eval.boundary_kernels must be odd sizes >= 3, got {list(e.boundary_kernels)}"),
+        (r.workers >= 1, f"resources.workers must be at least 1, got {r.workers}"),
+        (r.cpus_per_worker >= 1, f"resources.cpus_per_worker must be at least 1, got {r.cpus_per_worker}"),
+        (r.gpus_per_worker >= 0, f"resources.gpus_per_worker must be >= 0, got {r.gpus_per_worker}"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise SegdistError(f"{where}: {message} (variant {m.variant!r})")
+    from segdist.models.pretrained import check_pretrained_spec
+
+    check_pretrained_spec(m.pretrained, m.depth, f"{where}: model.pretrained", require_file=False)
+
+
