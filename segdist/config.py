@@ -17,6 +17,7 @@ import itertools
 import json
 import math
 import random
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -337,12 +338,15 @@ def _parse_search_dim(key: str, spec: Any, where: str) -> SearchDim:
     if not isinstance(values, list) or not values:
         raise SegdistError(f"{where}: search.{key}.{kind} must be a non-empty list")
     if kind in ("loguniform", "uniform"):
+        if key in data_keys or typing.get_type_hints(SECTIONS[section])[key.partition(".")[2]] is not float:
+            raise SegdistError(f"{where}: search.{key}: {kind} draws real numbers; {key} is not one "
+                               "(use grid or choice)")
         low, high = (coerce(v, float, f"{where}: search.{key}") for v in values) if len(values) == 2 else (0, -1)
         if not 0 <= low < high or (kind == "loguniform" and low == 0):
             raise SegdistError(f"{where}: search.{key}.{kind} must be [low, high] with 0 < low < high")
         return SearchDim(key, kind, (low, high))
     if key in data_keys:
-        values = tuple(values)
+        values = tuple(coerce(v, _DATA_TYPES[key.partition(".")[2]], f"{where}: search.{key}") for v in values)
     else:
         values = tuple(coerce_value(key, v, f"{where}: search") for v in values)
     if len(set(map(repr, values))) != len(values):

@@ -831,11 +831,11 @@ def _run_checkpoint(args) -> dict[str, Any]:
     state = load_checkpoint(args.checkpoint)
     model, trial, classes = model_from_checkpoint(state, args.checkpoint)
     check_classes_match(classes, info, args.checkpoint)
-    recipe = trial.recipe.eval  # what the flags do not say, the checkpoint's recipe does
-    scales = recipe.scales if args.scales is None else args.scales
-    flip = recipe.flip if args.flip is None else args.flip
-    tile = recipe.tile if args.tile is None else (args.tile, args.tile) if args.tile else None
-    kernels = check_kernels(recipe.boundary_kernels if args.boundary is None else args.boundary)
+    own = trial.recipe.eval  # what the flags do not say, the checkpoint's recipe does
+    scales = own.scales if args.scales is None else args.scales
+    flip = own.flip if args.flip is None else args.flip
+    tile = own.tile if args.tile is None else (args.tile, args.tile) if args.tile else None
+    kernels = check_kernels(own.boundary_kernels if args.boundary is None else args.boundary)
     model = model.to(device).eval()
     loader = val_loader(
         info, rank=0, world_size=1, loader_workers=args.loader_workers,

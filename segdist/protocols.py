@@ -32,7 +32,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from segdist.data.classes import IMAGENET_MEAN
+from segdist.data.transforms import MEAN_RGB as MEAN_PAD
 from segdist.errors import SegdistError
 from segdist.models.resnet import STRIDES as DEEPLAB_STRIDES
 from segdist.models.variant import Variant
@@ -44,7 +44,6 @@ ORIGINAL_LR_STEPS = ((2, 0.4), (4, 0.04), (6, 0.032))
 # RandomCropWithPadding's cv2.copyMakeBorder(value=255) on a 3-channel BGR image pads with
 # Scalar(255, 0, 0): blue. In RGB:
 ORIGINAL_IMAGE_PAD = (0, 0, 255)
-MEAN_PAD = tuple(int(round(255 * m)) for m in IMAGENET_MEAN)
 # M-NAKED: res4 strides on its 1x1 conv AND dilates its 3x3 convs by 2; res5 dilation 4.
 ORIGINAL_NAKED_STRIDES = ((2, 2, 1), (1, 2, 4))
 
@@ -99,7 +98,7 @@ DEEPLAB = {
     **COMMON,
     "model.framework": "pytorch",
     "model.init": "pytorch",
-    "model.pretrained": None,
+    "model.pretrained": None,  # no ImageNet weights unless a study sets model.pretrained
     "model.stride_on": ("3x3", "3x3", "3x3"),
     "model.classifier_bias": True,
     "model.learnable_sobel_form": "2order",
@@ -269,13 +268,16 @@ def _multipliers(protocol: str, v: Variant, lr: float | None) -> Multipliers:
 
 def merge_multipliers(base: Multipliers, study: dict[str, tuple], tokens: dict[str, tuple[GroupRule, str]],
                       variant: str, where: str) -> Multipliers:
-    """The protocol's rules, then the lrN token's, then the study's (W, b, decay) per group;
-    a study rule that contradicts the token's is an error."""
+    """The protocol's rules, then the lrN token's, then the study's (W, b, decay) per group (b
+    None: the group's bias-to-weight ratio; decay None: the group's); a study rule that
+    contradicts the token's is an error."""
     rules = {g: getattr(base, g) for g in GROUPS}
     for group, (rule, _) in tokens.items():
         rules[group] = rule
     for group, (weight, bias, decay) in study.items():
-        rule = GroupRule(weight, bias, rules[group].decay if decay is None else decay)
+        now = rules[group]
+        rule = GroupRule(weight, weight * now.bias / now.weight if bias is None else bias,
+                         now.decay if decay is None else decay)
         if group in tokens and (rule.weight, rule.bias) != (tokens[group][0].weight, tokens[group][0].bias):
             raise SegdistError(f"{where}: train.multipliers.{group}: {rule} contradicts variant {variant!r} "
                                f"(token {tokens[group][1]!r} sets {tokens[group][0]})")
@@ -283,26 +285,19 @@ def merge_multipliers(base: Multipliers, study: dict[str, tuple], tokens: dict[s
     return Multipliers(**rules)
 
 
-def derive(values: dict[str, Any], protocol: str, v: Variant, explicit: set[str], where: str) -> dict[str, Any]:
+def derive(values: dict[str, Any], protocol: str, v: Variant, explicit: set[str]) -> dict[str, Any]:
     """Fields that follow from others: strides and dilations, the evaluation tile, the
     image padding colour."""
     out = dict(values)
     os_ = out["model.output_stride"]
-    if v.decoder in ("fpn", "fpn.standard", "fpn.bilinear", "gcn", "plain") and os_ != 32:
-        raise SegdistError(f"{where}: model.output_stride {os_} with variant {v.name!r}: the FPN, GCN and "
-                           "resnet101 models run the plain ResNet (output stride 32)")
-    if os_ not in DEEPLAB_STRIDES:
-        raise SegdistError(f"{where}: model.output_stride must be 8, 16 or 32, got {os_}")
     if protocol == "original" and v.family in ("naked", "voc") and os_ == 16:
         out["model.strides"], out["model.dilations"] = ORIGINAL_NAKED_STRIDES
-    else:
-        out["model.strides"], out["model.dilations"] = DEEPLAB_STRIDES[os_]
+    else:  # an output stride outside the table is check_recipe's to report
+        out["model.strides"], out["model.dilations"] = DEEPLAB_STRIDES.get(os_, DEEPLAB_STRIDES[32])
     if out["train.image_pad"] == "mean":
         out["train.image_pad"] = MEAN_PAD
     if protocol == "original" and "eval.tile" not in explicit:
         out["eval.tile"] = out["train.crop_size"]  # EVAL-A(t): tiles of the training crop
-    if v.full and (out.get("train.dataset") or "cityscapes") != "cityscapes":
-        raise SegdistError(f"{where}: variant {v.name!r}: 'full' is the whole 1024x2048 Cityscapes frame")
     return out
 
 

@@ -21,6 +21,7 @@ from typing import Any
 PROTOCOLS = ("deeplab", "original")
 GROUPS = ("backbone", "classifier", "decoder", "extras")
 OPTIMIZERS = ("sgd", "adam", "adam_tf1")
+PRECISIONS = ("auto", "fp32", "bf16")
 NAMED_SCALES = {"original": (0.9, 1.0, 1.1), "deeplab": (0.5, 0.75, 1.0, 1.25, 1.5)}
 
 

@@ -8,7 +8,7 @@ Resolution (`resolve_recipe`), in this order:
 3. the study's own values (its sections and the search's choices), coerced by `coerce_value`.
    A study value that contradicts a token is an error, never a silent override;
 4. the values derived from the others (tiles default to the crop, strides from the output stride);
-then `check_recipe`'s table of checks. Every mistake is one SegdistError line.
+then `check_recipe`'s table of checks. Every mistake found here is one SegdistError line.
 """
 
 from __future__ import annotations
@@ -21,8 +21,19 @@ from typing import Any
 
 from segdist import protocols
 from segdist.errors import SegdistError
+from segdist.models.pretrained import PRETRAINED_NAMES
 from segdist.models.variant import parse_variant
-from segdist.recipe import GROUPS, NAMED_SCALES, OPTIMIZERS, PROTOCOLS, SECTIONS, GroupRule, Recipe, show
+from segdist.recipe import (
+    GROUPS,
+    NAMED_SCALES,
+    OPTIMIZERS,
+    PRECISIONS,
+    PROTOCOLS,
+    SECTIONS,
+    GroupRule,
+    Recipe,
+    show,
+)
 
 # Fields the variant decides (a study may not set them) and fields derived from others.
 FROM_VARIANT = {
@@ -68,7 +79,8 @@ def coerce_value(key: str, value: Any, where: str) -> Any:
 
 def _coerce_multipliers(value: Any, where: str) -> dict[str, GroupRule | tuple]:
     """{group: W | [W, b] | [W, b, decay]} -> {group: (W, b or None, decay or None)}: partial rules
-    that resolve_recipe completes from the protocol's (a number W means bias 2W)."""
+    that resolve_recipe completes from the protocol's (a number W keeps the group's bias-to-weight
+    ratio: 2 for classifier and decoder, 1 for the naked family's edge/Sobel modules)."""
     if not isinstance(value, dict):
         raise SegdistError(f"{where}: expected a mapping of groups ({', '.join(GROUPS)}) to W, [W, b] or [W, b, decay]")
     out = {}
@@ -79,7 +91,7 @@ def _coerce_multipliers(value: Any, where: str) -> dict[str, GroupRule | tuple]:
         if not 1 <= len(items) <= 3:
             raise SegdistError(f"{where}.{group}: expected W, [W, b] or [W, b, decay], got {rule!r}")
         weight = coerce(items[0], float, f"{where}.{group}")
-        bias = coerce(items[1], float, f"{where}.{group}") if len(items) > 1 else 2 * weight
+        bias = coerce(items[1], float, f"{where}.{group}") if len(items) > 1 else None
         decay = coerce(items[2], bool, f"{where}.{group}") if len(items) > 2 else None
         out[group] = (weight, bias, decay)
     return out
@@ -148,7 +160,7 @@ def resolve_recipe(values: dict[str, Any], protocol: str, where: str, *, smoke: 
                                               protocols.token_groups(protocol, variant), variant.name, where)
     merged.update(study)
     merged["train.multipliers"] = multipliers
-    merged = protocols.derive(merged, protocol, variant, explicit=set(values), where=where)
+    merged = protocols.derive(merged, protocol, variant, explicit=set(values))
     if smoke:
         merged.update(protocols.smoke_values(merged))
     recipe = _build(merged, protocol, protocols.source(protocol, variant))
@@ -163,9 +175,40 @@ def _build(merged: dict[str, Any], protocol: str, source: str) -> Recipe:
     return Recipe(protocol=protocol, source=source, **sections)
 
 
+def _choices() -> dict[str, tuple]:
+    """Allowed values of the enumerated fields, from the modules that use them."""
+    from segdist.data.classes import DATASET_CLASSES
+    from segdist.data.transforms import AUGMENTATIONS, TRIMAP_BANDS
+    from segdist.models.fpn import GCN_STYLES
+    from segdist.models.init import INITS
+    from segdist.models.resnet import LAYOUTS, NORMS, STRIDES
+    from segdist.models.sobel import FIXED_FORMS, LEARNABLE_FORMS, SOBEL_INITS
+    from segdist.models.tf1 import FRAMEWORKS
+
+    return {
+        "train.dataset": (None, *DATASET_CLASSES), "train.train_list": ("train", "train_aug"),
+        "train.optimizer": OPTIMIZERS, "train.schedule": ("poly", "steps"), "train.augmentation": AUGMENTATIONS,
+        "train.trimap_band": TRIMAP_BANDS, "train.precision": PRECISIONS, "train.on_bad_sample": ("raise", "skip"),
+        "train.on_nan": ("stop", "skip"), "model.depth": tuple(LAYOUTS), "model.output_stride": tuple(STRIDES),
+        "model.norm": NORMS, "model.framework": FRAMEWORKS, "model.init": INITS,
+        "model.fixed_sobel_form": FIXED_FORMS, "model.learnable_sobel_form": LEARNABLE_FORMS,
+        "model.sobel_init": SOBEL_INITS, "model.gcn_style": GCN_STYLES,
+    }
+
+
 def check_recipe(recipe: Recipe, where: str) -> None:
-    """Checks that need more than one field; each failure is one SegdistError line."""
+    """The enumerated fields' values (_choices), then the checks that need numbers or more than
+    one field; each failure is one SegdistError line naming `where` and the variant."""
+    from segdist.models.pretrained import check_pretrained_spec
+    from segdist.models.resnet import STRIDE_PLACES
+    from segdist.models.variant import FPN_DECODERS
+
     m, t, e, r = recipe.model, recipe.train, recipe.eval, recipe.resources
+    here = f"{where}: (variant {m.variant!r}) "
+    for key, allowed in _choices().items():
+        value = getattr(getattr(recipe, key.partition(".")[0]), key.partition(".")[2])
+        if value not in allowed:
+            raise SegdistError(f"{here}{key} must be one of {', '.join(map(str, allowed))}, got {value!r}")
     low, high = t.scale_range
     steps = [epoch for epoch, _ in t.lr_steps]
     checks = [
@@ -174,35 +217,25 @@ def check_recipe(recipe: Recipe, where: str) -> None:
         (min(t.crop_size) >= 16, f"train.crop_size must be at least 16, got {show('train.crop_size', t.crop_size)}"),
         (0 < low <= high, f"train.scale_range must be [low, high] with 0 < low <= high, got {list(t.scale_range)}"),
         (t.lr > 0 and math.isfinite(t.lr), f"train.lr must be a positive number, got {t.lr}"),
-        (t.optimizer in OPTIMIZERS, f"train.optimizer must be one of {', '.join(OPTIMIZERS)}, got {t.optimizer!r}"),
+        (0 <= t.momentum < 1, f"train.momentum must be in [0, 1), got {t.momentum}"),
+        (t.poly_power > 0, f"train.poly_power must be positive, got {t.poly_power}"),
         (t.adam_epsilon > 0, f"train.adam_epsilon must be positive, got {t.adam_epsilon}"),
-        (t.schedule in ("poly", "steps"), f"train.schedule must be poly or steps, got {t.schedule!r}"),
         (steps == sorted(set(steps)) and all(s >= 1 for s in steps) and all(f > 0 for _, f in t.lr_steps),
          f"train.lr_steps must be [epoch, factor] pairs with increasing epochs >= 1, got {list(t.lr_steps)}"),
         (t.weight_decay >= 0 and t.weight_decay_every >= 0 and t.weight_decay_rate > 0,
          "train.weight_decay and weight_decay_every must be >= 0 and weight_decay_rate > 0"),
         (t.epoch_scale > 0, f"train.epoch_scale must be positive, got {t.epoch_scale}"),
-        (t.augmentation in ("tensorpack", "deeplab"), f"train.augmentation must be tensorpack or deeplab, got {t.augmentation!r}"),
         (0 <= t.aspect_jitter < 1, f"train.aspect_jitter must be in [0, 1), got {t.aspect_jitter}"),
         (all(0 <= c <= 255 for c in t.image_pad), f"train.image_pad must be 'mean' or RGB values 0..255, got {t.image_pad}"),
-        (t.trimap_band in ("original", "3x3"), f"train.trimap_band must be original or 3x3, got {t.trimap_band!r}"),
-        (t.train_list in ("train", "train_aug"), f"train.train_list must be train or train_aug, got {t.train_list!r}"),
-        (t.precision in ("auto", "fp32", "bf16"), f"train.precision must be auto, fp32 or bf16, got {t.precision!r}"),
-        (t.on_bad_sample in ("raise", "skip"), f"train.on_bad_sample must be raise or skip, got {t.on_bad_sample!r}"),
-        (t.on_nan in ("stop", "skip"), f"train.on_nan must be stop or skip, got {t.on_nan!r}"),
         (t.max_failures >= 0, f"train.max_failures must be >= 0, got {t.max_failures}"),
-        (m.depth in (18, 34, 50, 101, 152), f"model.depth must be 18, 34, 50, 101 or 152, got {m.depth}"),
-        (m.output_stride in (8, 16, 32), f"model.output_stride must be 8, 16 or 32, got {m.output_stride}"),
-        (m.norm in ("batch", "sync", "frozen"), f"model.norm must be batch, sync or frozen, got {m.norm!r}"),
         (m.width >= 4, f"model.width must be at least 4, got {m.width}"),
-        (m.framework in ("tf1", "pytorch"), f"model.framework must be tf1 or pytorch, got {m.framework!r}"),
-        (m.init in ("tensorpack", "pytorch"), f"model.init must be tensorpack or pytorch, got {m.init!r}"),
-        (m.fixed_sobel_form in ("square", "sqrt", "identity"),
-         f"model.fixed_sobel_form must be square, sqrt or identity, got {m.fixed_sobel_form!r}"),
-        (m.learnable_sobel_form in ("1order", "2order", "sqrt"),
-         f"model.learnable_sobel_form must be 1order, 2order or sqrt, got {m.learnable_sobel_form!r}"),
-        (m.sobel_init in ("random", "sobel"), f"model.sobel_init must be random or sobel, got {m.sobel_init!r}"),
-        (m.gcn_style in ("paper", "original"), f"model.gcn_style must be paper or original, got {m.gcn_style!r}"),
+        (m.decoder not in (*FPN_DECODERS, "plain") or m.output_stride == 32,
+         f"model.output_stride {m.output_stride}: the FPN, GCN and resnet101 models run the plain ResNet "
+         "(output stride 32)"),
+        (all(place in STRIDE_PLACES for place in m.stride_on),
+         f"model.stride_on must name 1x1 or 3x3 for res3, res4 and res5, got {list(m.stride_on)}"),
+        (m.pretrained not in PRETRAINED_NAMES or m.width == 64,
+         f"model.pretrained {m.pretrained} is for the real network: model.width must be 64, got {m.width}"),
         (len(e.scales) >= 1 and all(0 < x <= 4 for x in e.scales),
          f"eval.scales must be a non-empty list of numbers in (0, 4], got {list(e.scales)}"),
         (e.tile is None or min(e.tile) >= 16, f"eval.tile must be at least 16 pixels, got {e.tile}"),
@@ -214,9 +247,5 @@ def check_recipe(recipe: Recipe, where: str) -> None:
     ]
     for ok, message in checks:
         if not ok:
-            raise SegdistError(f"{where}: {message} (variant {m.variant!r})")
-    from segdist.models.pretrained import check_pretrained_spec
-
+            raise SegdistError(here + message)
     check_pretrained_spec(m.pretrained, m.depth, f"{where}: model.pretrained", require_file=False)
-
-

@@ -71,7 +71,7 @@ def bad(tmp_path_factory, tiny_shards):
         "weights_name.yaml": yaml.safe_dump({"model": {"variant": "naked", "pretrained": "imagenet"}}),
         "weights_url.yaml": yaml.safe_dump({
             "data": {"train_shards": str(tiny_shards[0]), "val_shards": str(tiny_shards[1])},
-            "model": {"variant": "naked", "depth": 18, "width": 4, "pretrained": "torchvision"}}),
+            "model": {"variant": "naked", "depth": 18, "width": 64, "pretrained": "torchvision"}}),
     }
     for name, text in studies.items():
         (root / name).write_text(text)

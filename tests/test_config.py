@@ -60,12 +60,18 @@ def test_variant_training_tokens_set_the_recipe():
         ({"model": {"decoder": "fpn"}}, "model.decoder comes from the variant"),
         ({"train": {"head_lr_mult": 10}}, "train.head_lr_mult is no longer a study key; use train.multipliers"),
         ({"protocol": "tensorpack"}, "protocol must be one of deeplab, original"),
+        ({"search": {"train.epochs": {"uniform": [5, 10]}}}, "uniform draws real numbers; train.epochs is not one"),
+        ({"search": {"data.loader_workers": {"grid": ["a"]}}}, "expected an integer"),
+        ({"model": {"width": 32, "pretrained": "torchvision"}}, "model.width must be 64, got 32"),
+        ({"model": {"stride_on": ["1X1", "1x1", "3x3"]}}, "model.stride_on must name 1x1 or 3x3"),
+        ({"train": {"dataset": "ade"}}, "train.dataset must be one of None, voc, sbd, cityscapes, synthetic"),
+        ({"train": {"momentum": 1.5}}, "train.momentum must be in [0, 1)"),
     ],
 )
 def test_a_study_value_that_contradicts_its_variant_is_one_error(raw, message):
     with pytest.raises(SegdistError) as err:
         study(**raw)
-    assert message in str(err.value) and str(err.value).startswith("study.yaml: ")
+    assert message in str(err.value) and str(err.value).startswith("study.yaml")
     assert "\n" not in str(err.value)
 
 
@@ -90,7 +96,7 @@ def test_trial_round_trips_through_a_plain_dict():
         ({"train": {"lr": "fast"}}, "expected a number"),
         ({"train": {"epochs": 1.5}}, "expected an integer"),
         ({"train": {"scale_range": [1.5, 0.5]}}, "scale_range"),
-        ({"train": {"precision": "fp16"}}, "train.precision must be auto, fp32 or bf16"),
+        ({"train": {"precision": "fp16"}}, "train.precision must be one of auto, fp32, bf16"),
         ({"model": {"variant": "naked.bogus"}}, "unknown token 'bogus'"),
         ({"seeds": []}, "seeds must be a non-empty list"),
         ({"seeds": 3}, "seeds must be a non-empty list"),
@@ -135,3 +141,14 @@ def test_every_shipped_study_parses():
         if "kind" in yaml.safe_load(path.read_text()):
             continue  # not a training study (crf_grid): its own loader tests it
         assert expand_trials(load_study(path))
+
+
+def test_a_multiplier_that_restates_its_token_is_not_a_contradiction():
+    """A bare number keeps the group's bias ratio: x1 biases for the naked family's Sobel module
+    (('edge.*', N) hit no bias), x2 for the FPN decoder."""
+    (trial,) = expand_trials(study(protocol="original", model={"variant": "naked.sobel.lr10"},
+                                   train={"multipliers": {"extras": 10}}))
+    assert (trial.recipe.train.multipliers.extras.weight, trial.recipe.train.multipliers.extras.bias) == (10, 10)
+    (trial,) = expand_trials(study(protocol="original", model={"variant": "naked.fpn"},
+                                   train={"multipliers": {"decoder": 5}}))
+    assert (trial.recipe.train.multipliers.decoder.weight, trial.recipe.train.multipliers.decoder.bias) == (5, 10)

@@ -65,7 +65,7 @@ def test_study_values_override_defaults_and_are_coerced():
     assert coerce_value("train.crop_size", 321, "w") == (321, 321)
     assert coerce_value("eval.scales", "deeplab", "w") == (0.5, 0.75, 1.0, 1.25, 1.5)
     assert coerce_value("train.multipliers", {"decoder": 5, "extras": [3, 3, False]}, "w") == {
-        "decoder": (5.0, 10.0, None), "extras": (3.0, 3.0, False)}
+        "decoder": (5.0, None, None), "extras": (3.0, 3.0, False)}  # None: the group's bias ratio
     with pytest.raises(SegdistError, match="unknown group 'head'"):
         coerce_value("train.multipliers", {"head": 10}, "w")
     r = resolve_recipe({"model.variant": "naked.fpn", "train.multipliers": {"extras": (3.0, 3.0, True)}},

@@ -47,8 +47,8 @@ import numpy as np
 from scipy import ndimage
 
 from segdist.data.classes import IGNORE_INDEX, IMAGENET_MEAN, IMAGENET_STD
+from segdist.models.variant import LABEL_MODES
 
-LABEL_MODES = ("hard", "trimap", "edgemix")
 RESIZE_BACKEND = "opencv"  # recorded with every trial: the augmented pixels depend on it
 
 _MEAN255 = np.array(IMAGENET_MEAN, dtype=np.float32) * 255.0

@@ -42,6 +42,7 @@ from segdist.models import tf1
 from segdist.models.init import init_conv, variance_scaling_, xavier_uniform_
 
 FPN_STYLES = ("fpn", "fpn.bilinear", "fpn.standard", "gcn")
+GCN_STYLES = ("paper", "original")
 
 
 class ResidualBlock(nn.Module):
@@ -140,8 +141,8 @@ class FPNDecoder(nn.Module):
         init: str = "pytorch",
     ):
         super().__init__()
-        if style not in FPN_STYLES:
-            raise ValueError(f"unknown FPN style {style!r}")
+        if style not in FPN_STYLES or gcn_style not in GCN_STYLES:
+            raise ValueError(f"unknown FPN style {style!r} or GCN style {gcn_style!r}")
         k = num_classes
         self.style, self.framework = style, framework
         paper_gcn = style == "gcn" and gcn_style == "paper"

@@ -27,6 +27,7 @@ from segdist.models import tf1
 from segdist.models.init import init_conv
 
 NORMS = ("batch", "sync", "frozen")
+STRIDE_PLACES = ("1x1", "3x3")  # where a strided bottleneck strides: its 1x1 conv1 or its 3x3 conv2
 LAYOUTS = {
     18: ("basic", (2, 2, 2, 2)),
     34: ("basic", (3, 4, 6, 3)),

@@ -21,10 +21,14 @@ from torch import nn
 from segdist.models import tf1
 from segdist.models.fpn import ResidualBlock
 from segdist.models.init import init_conv, variance_scaling_
+from segdist.models.variant import EDGE_INPUTS
 
 # sqrt(c1^2 + c2^2) is evaluated as sqrt(max(s, SQRT_FLOOR)): the same value wherever the
 # magnitude exceeds 1e-6, and a zero gradient (not NaN, TF's 0 * inf) where both responses vanish.
 SQRT_FLOOR = 1e-12
+LEARNABLE_FORMS = ("1order", "2order", "sqrt")
+FIXED_FORMS = ("square", "sqrt", "identity")
+SOBEL_INITS = ("random", "sobel")
 
 # Supports of the difference kernels (1 = learnable entry, 0 = always zero).
 MASKS = {
@@ -113,8 +117,8 @@ class LearnableSobel(nn.Module):
         init: str = "pytorch",
     ):
         super().__init__()
-        if form not in ("1order", "2order", "sqrt"):
-            raise ValueError(f"form must be 1order, 2order or sqrt, got {form!r}")
+        if form not in LEARNABLE_FORMS:
+            raise ValueError(f"form must be one of {LEARNABLE_FORMS}, got {form!r}")
         self.form, self.relu = form, relu
         self.convs = nn.ModuleList(MaskedConv3x3(channels, m, channelwise, sobel_init, init) for m in masks)
 
@@ -155,8 +159,8 @@ class FixedSobel(nn.Module):
 
     def __init__(self, channels: int, form: str = "identity"):
         super().__init__()
-        if form not in ("square", "sqrt", "identity"):
-            raise ValueError(f"form must be square, sqrt or identity, got {form!r}")
+        if form not in FIXED_FORMS:
+            raise ValueError(f"form must be one of {FIXED_FORMS}, got {form!r}")
         kernels = torch.tensor((SOBEL["h"], SOBEL["v"]), dtype=torch.float32)  # [2,3,3]: gx, gy
         self.register_buffer("kernels", kernels.repeat(channels, 1, 1).unsqueeze(1), persistent=False)
         self.scale = nn.Parameter(torch.ones(channels))
@@ -185,7 +189,7 @@ class EdgeInput(nn.Module):
 
     def __init__(self, mode: str, channels: int, framework: str = "pytorch", init: str = "pytorch"):
         super().__init__()
-        if mode not in ("add", "scale", "conv3"):
+        if mode not in EDGE_INPUTS:
             raise ValueError(f"unknown edge input mode {mode!r}")
         self.mode, self.framework = mode, framework
         if mode == "scale":

@@ -19,8 +19,8 @@ Some tokens are read together with the next one:
   edge input, so it sets no edge input (Variant.edge_family records it); any other `edge`
   is the Canny edge map added after res2, res3 and res4.
 
-A Variant says only what its tokens say; segdist.recipe turns it and a study's values into
-the full recipe (what an absent token means depends on the protocol and the script family).
+A Variant says only what its tokens say; segdist.resolve turns it and a study's values into
+the full recipe (segdist.recipe) (what an absent token means depends on the protocol and the script family).
 Token groups:
 - decoders: naked, aspp, fpn, fpn.standard, fpn.bilinear, gcn, and `resnet101`: the plain
   ResNet-101 (output stride 32) with a basic-block classifier of `deeplabv2.cs.resnet101.*`;
@@ -49,12 +49,10 @@ DECODERS = ("naked", "aspp", "fpn", "fpn.standard", "fpn.bilinear", "gcn", "plai
 FPN_DECODERS = ("fpn", "fpn.standard", "fpn.bilinear", "gcn")  # multi-level, output stride 32
 LEARNABLE_KINDS = ("channelcross", "channelwise", "resblock")
 EDGE_INPUTS = ("add", "scale", "conv3")
-LABEL_MODES = ("hard", "trimap", "edgemix")
+LABEL_MODES = ("hard", "trimap", "edgemix")  # what a trimap/edgemix token sets (segdist.data.transforms)
 # Stages where modules can sit: after the stem pool, after res2..res5 (layer1..layer4).
 STAGES = ("stem", "res2", "res3", "res4", "res5")
 EDGE_STAGES = ("res2", "res3", "res4")
-# The script families of the original code base (reference/recipes.md): which defaults apply.
-FAMILIES = ("naked", "voc", "fpn", "plain")
 # Tokens that carry no meaning for the recipe (the log's family prefixes and markers).
 NEUTRAL_TOKENS = ("deeplabv2", "py", "msf", "randomresizefix")
 
@@ -77,7 +75,9 @@ class Variant:
 
     name: str
     decoder: str = "naked"  # one of DECODERS
-    family: str = "naked"  # one of FAMILIES: fpn (FPN/GCN), plain (resnet101), voc (deeplabv2.voc.*), naked
+    # the original's script family, whose defaults apply (segdist.protocols): fpn (FPN/GCN), plain
+    # (resnet101), voc (deeplabv2.voc.*: experiments/resnet_model.py), naked (deeplabv2.naked*.py)
+    family: str = "naked"
     dataset: str | None = None  # "voc" | "cityscapes" | None
     # training tokens
     lr_mult: float | None = None  # lrN: the multiplier of the modules the family's patterns name
@@ -105,14 +105,6 @@ class Variant:
     # labels
     label_mode: str = "hard"  # hard | trimap | edgemix
     edgemix_radius: int = 1  # `rN` with edgemix
-
-    @property
-    def needs_edges(self) -> bool:
-        return self.edge_input is not None
-
-    @property
-    def multi_level(self) -> bool:
-        return self.decoder in FPN_DECODERS
 
 
 def valid_tokens() -> list[str]:
@@ -306,6 +298,8 @@ def _check_modules(state: _Parse, decoder: str) -> None:
         raise SegdistError(f"variant {name!r}: {state.seen_from['edgemix_radius']!r} (window radius) needs 'edgemix'")
     if fields.get("aug") and not fields.get("full"):
         raise SegdistError(f"variant {name!r}: 'aug' only means something with 'full' (crops always get random resize)")
+    if fields.get("full") and fields.get("dataset") != "cityscapes":
+        raise SegdistError(f"variant {name!r}: 'full' is the whole 1024x2048 Cityscapes frame: it needs 'cs'")
     if fields.get("full") and "crop_size" in fields:
         raise SegdistError(f"variant {name!r}: 'full' (the whole frame) and {state.seen_from['crop_size']!r} "
                            "contradict each other")

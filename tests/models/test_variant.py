@@ -3,7 +3,7 @@ import dataclasses
 import pytest
 
 from segdist.errors import SegdistError
-from segdist.models.variant import DECODERS, FAMILIES, Variant, parse_variant, valid_tokens
+from segdist.models.variant import Variant, parse_variant, valid_tokens
 from segdist.resolve import resolve_recipe
 
 # Every dotted name in reference/000_228ee7611dc2548c.txt, as written there.
@@ -60,7 +60,7 @@ def test_fpn_family():
     v = parse_variant("deeplabv2.naked.fpn.learnable.sobel.channelwise.1order")
     assert (v.decoder, v.family, v.learnable_sobel, v.sobel_form, v.learnable_sobel_at) == (
         "fpn", "fpn", "channelwise", "1order", ("laterals",))
-    assert v.multi_level and not v.needs_edges and v.sobel_init == "random" and not v.sobel_relu
+    assert v.edge_input is None and v.sobel_init == "random" and not v.sobel_relu
     assert parse_variant("naked.fpnstandard").decoder == "fpn.standard"
     assert parse_variant("naked.fpn.standard").decoder == "fpn.standard"
     assert parse_variant("naked.fpn.bilinear").decoder == "fpn.bilinear"
@@ -73,21 +73,20 @@ def test_fpn_family():
 
 
 def test_families_and_plain_decoder():
-    assert set(FAMILIES) == {"naked", "voc", "fpn", "plain"} and "plain" in DECODERS
     assert (parse_variant("deeplabv2.naked").decoder, parse_variant("deeplabv2.naked").family) == ("naked", "naked")
     assert parse_variant("aspp").family == "naked"
     v = parse_variant("deeplabv2.voc.size512")
     assert (v.decoder, v.family, v.dataset) == ("naked", "voc", "voc")
     assert parse_variant("voc.naked").family == "naked"  # an explicit decoder names the root family
     v = parse_variant("deeplabv2.cs.resnet101.scale8")
-    assert (v.decoder, v.family, v.dataset, v.multi_level) == ("plain", "plain", "cityscapes", False)
+    assert (v.decoder, v.family, v.dataset) == ("plain", "plain", "cityscapes")
     assert "resnet101" in valid_tokens() and "plain" not in valid_tokens()
 
 
 def test_plain_learnable_sobel_and_edge_family():
     v = parse_variant("deeplabv2.naked.edge.learnable.sobel")
     # `edge` before `learnable.sobel` names the script family: no Canny input
-    assert v.edge_family and v.edge_input is None and not v.needs_edges
+    assert v.edge_family and v.edge_input is None
     # no form token: the recipe decides (the original's naked channel-cross script: sqrt)
     assert (v.decoder, v.learnable_sobel, v.sobel_form) == ("naked", "channelcross", None)
     assert v.learnable_sobel_at == ("res2", "res3", "res4")
@@ -111,7 +110,7 @@ def test_edge_inputs_and_fixed_sobel():
     assert parse_variant("naked.edge").edge_input == "add"
     assert parse_variant("naked.edgescale").edge_input == "scale"
     v = parse_variant("naked.edge.conv3")
-    assert v.edge_input == "conv3" and v.needs_edges and not v.fixed_sobel_at
+    assert v.edge_input == "conv3" and not v.fixed_sobel_at
     assert parse_variant("naked.sobel").fixed_sobel_at == ("res2",)
     assert parse_variant("naked.sobel.lr10").fixed_sobel_at == ("res2",)
     assert parse_variant("naked.sobellast").fixed_sobel_at == ("res4",)
@@ -201,6 +200,7 @@ def test_learnable_form_with_a_fixed_sobel_too(protocol):
         ("resnet101.fpn", "more than one decoder"),
         ("cs.naked.aug", "'aug' only means something with 'full'"),
         ("cs.naked.full.size512", "contradict"),
+        ("naked.full", "'full' is the whole 1024x2048 Cityscapes frame: it needs 'cs'"),
         ("cs.naked.imagesize473.full", "contradict"),
         ("naked.square", "'square' only means something with a fixed 'sobel'"),
         ("naked.learnable.sobel.square", "'square' only means something with a fixed 'sobel'"),
