@@ -195,6 +195,9 @@ def training_setup(trial: TrialConfig, num_classes: int, num_samples: int, *, ra
         model = model.to(memory_format=torch.channels_last)
     if device.type == "cuda":  # training crops have one size: cuDNN picks its fastest kernels once
         torch.backends.cudnn.benchmark = True
+        # fp32 means fp32 (as TF 1.4 trained): no TF32 convolutions or matmuls, PyTorch's default
+        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = bf16
+    facts["tf32"] = device.type == "cuda" and bf16
     net = model
     if world_size > 1:  # gradients live in the all-reduce buckets: no copy per step
         net = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None,
@@ -202,6 +205,37 @@ def training_setup(trial: TrialConfig, num_classes: int, num_samples: int, *, ra
     steps = recipe.steps_per_epoch(num_samples, world_size)
     optimizer = make_optimizer(model, recipe.train)
     return Setup(model, net, optimizer, lr_schedule(optimizer, recipe.train, steps), options, steps, facts)
+
+
+def _evaluate(run: Setup, validation, classes, evaluation: EvalRecipe, last_epoch: bool, rank: int):
+    """This epoch's whole-image scores (val_*) and, at the last epoch, the recipe's evaluation
+    (final_*: scales, flip, tiles, boundary statistics; a whole-image recipe reuses the pass)
+    with its pictures (rank 0). Returns (metrics, pictures or None)."""
+    summary, confusion, examples = run_evaluation(run.model, validation, classes, run.options,
+                                                  examples=4 if last_epoch and rank == 0 else 0)
+    metrics = flat_metrics(summary, prefix="val_")
+    if not last_epoch:
+        return metrics, None
+    if evaluation != WHOLE_IMAGE:
+        summary, confusion, examples = run_evaluation(run.model, validation, classes, run.options, evaluation,
+                                                      examples=4 if rank == 0 else 0)
+    metrics.update(flat_metrics(summary, prefix="final_"))
+    return metrics, evaluation_pictures(confusion, examples, classes) if rank == 0 else None
+
+
+def _checkpoint(run: Setup, trial: TrialConfig, epoch: int, classes, metrics, history, pictures) -> dict[str, Any]:
+    """What rank 0 saves after an epoch (the resume of a trial reads it back)."""
+    return {
+        "model": run.model.state_dict(),
+        "optimizer": run.optimizer.state_dict(),
+        "scheduler": run.scheduler.state_dict(),
+        "epoch": epoch,
+        "classes": list(classes),
+        "trial": dataclasses.asdict(trial),
+        "metrics": metrics,
+        "history": history,
+        "pictures": pictures,
+    }
 
 
 def fit(
@@ -216,7 +250,7 @@ def fit(
     """Train `trial` on this rank. `report(metrics, state)` is called once per epoch on
     every rank; `state` (a checkpoint dict) is given on rank 0 only."""
     started = time.time()
-    recipe = trial.recipe
+    recipe, train = trial.recipe, trial.recipe.train
     torch.manual_seed(trial.seed)
     train_info = read_dataset_info(trial.data.train_shards)
     val_info = read_dataset_info(trial.data.val_shards)
@@ -228,71 +262,47 @@ def fit(
     # tracker epochs the driver may never have logged (it can die after a checkpoint).
     history: list[dict[str, Any]] = []
     if resume is not None:
-        run.model.load_state_dict(resume["model"])
-        run.optimizer.load_state_dict(resume["optimizer"])
-        run.scheduler.load_state_dict(resume["scheduler"])
-        start_epoch = resume["epoch"] + 1
-        history = list(resume.get("history", []))
+        for part in ("model", "optimizer", "scheduler"):
+            getattr(run, part).load_state_dict(resume[part])
+        start_epoch, history = resume["epoch"] + 1, list(resume.get("history", []))
 
     validation = val_loader(
         val_info, rank=rank, world_size=world_size, loader_workers=trial.data.loader_workers,
-        edges=run.options.needs_edges, on_bad_sample=recipe.train.on_bad_sample,
+        edges=run.options.needs_edges, on_bad_sample=train.on_bad_sample,
     )
-    transform = TrainTransform.from_recipe(recipe.train, len(classes), run.options.needs_edges)
-    for epoch in range(start_epoch, recipe.train.epochs):
+    transform = TrainTransform.from_recipe(train, len(classes), run.options.needs_edges)
+    for epoch in range(start_epoch, train.epochs):
         epoch_start = time.time()
         loader = train_loader(
-            train_info, transform=transform, batch_size=recipe.train.batch_size,
-            batches_per_epoch=run.steps_per_epoch, seed=trial.seed, epoch=epoch, rank=rank,
-            world_size=world_size, loader_workers=trial.data.loader_workers,
-            shuffle_buffer=trial.data.shuffle_buffer, on_bad_sample=recipe.train.on_bad_sample,
+            train_info, transform=transform, batch_size=train.batch_size, batches_per_epoch=run.steps_per_epoch,
+            seed=trial.seed, epoch=epoch, rank=rank, world_size=world_size,
+            loader_workers=trial.data.loader_workers, shuffle_buffer=trial.data.shuffle_buffer,
+            on_bad_sample=train.on_bad_sample,
         )
         stats = train_one_epoch(run.net, loader, run.optimizer, run.scheduler, run.options, epoch)
         train_time = time.time() - epoch_start
-        last_epoch = epoch == recipe.train.epochs - 1
-        summary, confusion, examples = run_evaluation(run.model, validation, classes, run.options,
-                                                      examples=4 if last_epoch and rank == 0 else 0)
-        metrics = {"epoch": epoch, **flat_metrics(summary, prefix="val_")}
-        pictures = None
-        if last_epoch:
-            # The recipe's evaluation (scales, flip, tiles, boundary statistics) once, at the end;
-            # a whole-image recipe reuses the pass above. Reports aggregate these final_* values.
-            if recipe.eval != WHOLE_IMAGE:
-                summary, confusion, examples = run_evaluation(run.model, validation, classes, run.options,
-                                                              recipe.eval, examples=4 if rank == 0 else 0)
-            metrics.update(flat_metrics(summary, prefix="final_"))
-            pictures = evaluation_pictures(confusion, examples, classes) if rank == 0 else None
+        scores, pictures = _evaluate(run, validation, classes, recipe.eval, epoch == train.epochs - 1, rank)
         counts = all_reduce_sum(torch.tensor(
             [loader.num_skipped, validation.num_skipped, stats.skipped_steps], dtype=torch.int64, device=device
         ))
-        metrics.update({
+        metrics = {
+            "epoch": epoch,
+            **scores,
             "train_loss": all_reduce_mean(stats.mean_loss, device),
-            "lr": recipe.train.lr * lr_factor(recipe.train, run.scheduler.last_epoch - 1, run.steps_per_epoch),
+            "lr": train.lr * lr_factor(train, run.scheduler.last_epoch - 1, run.steps_per_epoch),  # the last step's
             "skipped_train_samples": int(counts[0]),
             "skipped_val_samples": int(counts[1]),
             "skipped_nan_steps": int(counts[2]),
-            "train_images_per_s": run.steps_per_epoch * recipe.train.batch_size * world_size / train_time,
+            "train_images_per_s": run.steps_per_epoch * train.batch_size * world_size / train_time,
             "epoch_time_s": time.time() - epoch_start,
             "worker_started_at": started,
-        })
+        }
         if rank == 0 and epoch == start_epoch:
             metrics.update({f"model_{key}": value for key, value in run.facts.items()})
             if history:
                 metrics["resumed_history_json"] = json.dumps(history)
         history.append({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
-        state = None
-        if rank == 0:
-            state = {
-                "model": run.model.state_dict(),
-                "optimizer": run.optimizer.state_dict(),
-                "scheduler": run.scheduler.state_dict(),
-                "epoch": epoch,
-                "classes": list(classes),
-                "trial": dataclasses.asdict(trial),
-                "metrics": metrics,
-                "history": history,
-                "pictures": pictures,
-            }
+        state = _checkpoint(run, trial, epoch, classes, metrics, history, pictures) if rank == 0 else None
         report(metrics, state)
 
 

@@ -85,6 +85,16 @@ def test_resuming_from_a_checkpoint_continues_exactly(tiny_shards):
     assert comparable(resumed[0][0]) == comparable(straight[1][0])
 
 
+def test_an_original_recipe_resumes_exactly(tiny_shards):
+    """TF1 Adam's state, the lr step and the decaying L2 term (its step count) survive a resume."""
+    trial = tiny_trial(*tiny_shards, protocol="original", epochs=3, lr_steps=[[1, 0.4]],
+                       weight_decay=0.01, weight_decay_every=3)
+    straight = run(trial)
+    resumed = run(trial, resume=straight[0][1])
+    assert [m["epoch"] for m, _ in resumed] == [1, 2]
+    assert [comparable(m) for m, _ in resumed] == [comparable(m) for m, _ in straight[1:]]
+
+
 def test_a_nan_loss_stops_the_trial(tiny_shards):
     with pytest.raises(TrainingDiverged):
         run(tiny_trial(*tiny_shards, lr=1e12, epochs=1))
