@@ -90,8 +90,9 @@ def prepare_data(study: StudyConfig) -> None:
     from segdist.data.stream import read_dataset_info
 
     data = study.data
-    if data.synthetic_root:
-        prepare_synthetic(data.synthetic_root, data.train_shards, data.val_shards)
+    if data.synthetic_root:  # one generated set; a {train_list} placeholder names its train split
+        first = next(iter(expand_configs(study)))
+        prepare_synthetic(data.synthetic_root, first.data.train_shards, data.val_shards)
     val_info = read_dataset_info(data.val_shards)
     for config in expand_configs(study):
         info = read_dataset_info(config.data.train_shards)
@@ -433,11 +434,12 @@ def run_crf_study(args: argparse.Namespace) -> int:
     )
 
     grid = load_crf_grid(args.space)
-    if args.dry_run:
+    if args.dry_run or args.explain:  # a grid's recipe is its parameter sets
         combos = grid.combinations()
         print(f"{len(combos)} CRF trials over {grid.probabilities}:")
         for params in combos:
-            print("  " + " ".join(f"{k}={v:g}" for k, v in dataclasses.asdict(params).items()))
+            print("  " + " ".join(f"{k}={v:g}" for k, v in dataclasses.asdict(params).items()), flush=True)
+    if args.dry_run:
         return 0
     tracking_uri = resolve_tracking_uri(args.tracking_uri)
     check_reachable(tracking_uri)

@@ -100,3 +100,25 @@ def test_a_cityscapes_variant_on_voc_layout_shards_is_refused(tmp_path, tiny_sha
     space = write_study(tmp_path / "cs.yaml", *tiny_shards, model={"variant": "cs.naked", "depth": 18, "width": 4})
     assert_one_line_error(tune("--space", str(space), cwd=tmp_path), "cs.yaml", "'cs.naked' is for cityscapes",
                           "synthetic shards")
+
+
+def test_a_generated_data_set_fills_the_train_list_placeholder(tmp_path):
+    """synthetic_root with data.train_shards .../{train_list}: the shards land under the
+    configuration's list name, never under a literal '{train_list}' folder."""
+    from segdist.config import parse_study
+    from segdist.tune import prepare_data
+
+    raw = {"name": "t", "seeds": [0], "model": {"variant": "naked", "depth": 18, "width": 4},
+           "data": {"train_shards": str(tmp_path / "shards" / "{train_list}"),
+                    "val_shards": str(tmp_path / "shards" / "val"), "synthetic_root": str(tmp_path / "synthetic")}}
+    study = parse_study(raw, "t.yaml")
+    prepare_data(study)
+    assert sorted(p.name for p in (tmp_path / "shards").iterdir()) == ["train_aug", "val"]
+
+
+def test_explain_of_a_crf_grid_lists_its_parameter_sets(tmp_path):
+    result = tune("--space", str(ROOT / "tune_spaces" / "crf_grid.yaml"), "--explain", "--dry-run", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith("2 CRF trials over ") and len(lines) == 3
+    assert all("bi_xy_std=67" in line and "pos_w=3" in line for line in lines[1:])
