@@ -14,6 +14,7 @@ import json
 import math
 import tempfile
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,14 +49,45 @@ class TrainingDiverged(RuntimeError):
 
 
 def segmentation_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy on hard labels (255 ignored) or, for edgemix, on soft targets
-    (void pixels carry an all-zero target and are left out of the mean)."""
+    """Mean cross-entropy over the labelled pixels of a batch: hard int64 [B, h, w] labels
+    (255 = void) or, for edgemix, soft float32 [B, C, h, w] targets (void pixels carry an
+    all-zero target). Logits: [B, C, h, w], any float dtype (computed in float32). A batch
+    with no labelled pixel gives 0, with gradients (all zero) to every logit, not 0/0 = NaN:
+    a DDP rank whose crops are all void still joins the gradient all-reduce."""
     logits = logits.float()
     if targets.dtype == torch.int64:
-        return F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX)
+        total = F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX, reduction="sum")
+        return total / (targets != IGNORE_INDEX).sum().clamp(min=1)
     per_pixel = -(targets * F.log_softmax(logits, dim=1)).sum(dim=1)
     valid = targets.sum(dim=1) > 0
     return per_pixel[valid].sum() / valid.sum().clamp(min=1)
+
+
+def has_labelled_pixels(targets: torch.Tensor) -> bool:
+    """Whether a training batch as the loader ships it (host memory: uint8 [B, h, w] with 255
+    = void, or soft float32 [B, C, h, w] with all-zero = void) has a labelled pixel. Read on
+    the host, so asking costs no device synchronisation."""
+    if targets.dtype == torch.uint8:
+        return bool((targets != IGNORE_INDEX).any())
+    return bool((targets > 0).any())
+
+
+def host_group():
+    """A process group for host-side flags: the default group when it is gloo, else a new gloo
+    group (every rank must call this together, as it creates a group), so that agreeing on a
+    flag never waits for the device. None when not distributed."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return None
+    return dist.group.WORLD if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
+
+
+def any_rank(flag: bool, group) -> bool:
+    """`flag` or-ed over the ranks of `group` (None: this process only)."""
+    if group is None:
+        return flag
+    tensor = torch.tensor([int(flag)], dtype=torch.int32)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX, group=group)
+    return bool(tensor.item())
 
 
 def resolve_precision(train: TrainRecipe, device: torch.device) -> tuple[bool, bool]:
@@ -77,25 +109,38 @@ class StepOptions:
     channels_last: bool = False
     skip_nan_steps: bool = False
     train: TrainRecipe | None = None  # its weight-decay schedule (None: no L2 term, multipliers only)
+    flag_group: Any = None  # host_group(): where the ranks agree that a step is all void
 
 
 @dataclass
 class EpochStats:
-    mean_loss: float
-    steps: int
-    skipped_steps: int
+    mean_loss: float  # over the steps that updated the model
+    steps: int  # every step of the epoch, skipped ones included
+    skipped_steps: int  # non-finite gradients, with skip_nan_steps
+    void_steps: int = 0  # no labelled pixel on any rank: nothing to learn, the model is left alone
 
 
 def train_one_epoch(model, loader, optimizer, scheduler, options: StepOptions, epoch: int) -> EpochStats:
     """One epoch: per step the loss, its gradients, the recipe's L2 term and multipliers
     (segdist.optim.apply_gradient_rules), the optimizer and the schedule. A non-finite loss
     raises TrainingDiverged at once, or, with `skip_nan_steps`, drops that step (its
-    gradients, all-reduced, are non-finite on every rank alike) and counts it."""
+    gradients, all-reduced, are non-finite on every rank alike) and counts it.
+
+    A step whose crops have no labelled pixel on any rank (all void: small crops at image
+    borders, trimap bands, Cityscapes) is skipped and counted in `void_steps`: no forward
+    pass, no update, no weight decay; the schedule still advances, as it counts iterations.
+    A rank that is all void while others are not contributes zero gradients (its loss is 0),
+    as a tower of the original did."""
     model.train()
     device = options.device
     running = torch.zeros((), device=device)
-    steps = skipped = 0
+    steps = skipped = void = 0
     for batch_images, batch_targets in loader:
+        if not any_rank(has_labelled_pixels(batch_targets), options.flag_group):
+            steps += 1
+            void += 1
+            _advance_without_update(scheduler)
+            continue
         images, edges = model_inputs(batch_images, device, channels_last=options.channels_last,
                                      edges=options.needs_edges)
         targets = model_targets(batch_targets, device)
@@ -110,7 +155,7 @@ def train_one_epoch(model, loader, optimizer, scheduler, options: StepOptions, e
             if not all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None):
                 skipped += 1
                 optimizer.zero_grad(set_to_none=True)
-                scheduler.step()
+                _advance_without_update(scheduler)
                 continue
         decay = weight_decay_at(options.train, scheduler.last_epoch) if options.train is not None else 0.0
         apply_gradient_rules(optimizer, decay)
@@ -119,10 +164,18 @@ def train_one_epoch(model, loader, optimizer, scheduler, options: StepOptions, e
         running += loss.detach()
         if not options.skip_nan_steps and steps % LOSS_CHECK_EVERY == 0 and not torch.isfinite(running):
             raise TrainingDiverged(f"loss is not finite in epoch {epoch} by step {steps}")
-    mean_loss = float(running) / max(steps - skipped, 1)
+    mean_loss = float(running) / max(steps - skipped - void, 1)
     if not math.isfinite(mean_loss):
         raise TrainingDiverged(f"loss is not finite in epoch {epoch}")
-    return EpochStats(mean_loss, steps, skipped)
+    return EpochStats(mean_loss, steps, skipped, void)
+
+
+def _advance_without_update(scheduler) -> None:
+    """One schedule step for a skipped iteration. PyTorch warns when a schedule steps before
+    its optimizer ever has; here that is what is meant (the schedule counts iterations)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step\\(\\)` before")
+        scheduler.step()
 
 
 WHOLE_IMAGE = EvalRecipe(scales=(1.0,), flip=False, tile=None, boundary_kernels=())
@@ -190,7 +243,8 @@ def training_setup(trial: TrialConfig, num_classes: int, num_samples: int, *, ra
     facts["precision"] = "bf16" if bf16 else "fp32"  # what `auto` became on this device
     facts["channels_last"] = channels_last
     options = StepOptions(device=device, needs_edges=model.needs_edges, bf16=bf16, channels_last=channels_last,
-                          skip_nan_steps=recipe.train.on_nan == "skip", train=recipe.train)
+                          skip_nan_steps=recipe.train.on_nan == "skip", train=recipe.train,
+                          flag_group=host_group())
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     if device.type == "cuda":  # training crops have one size: cuDNN picks its fastest kernels once
@@ -283,7 +337,8 @@ def fit(
         train_time = time.time() - epoch_start
         scores, pictures = _evaluate(run, validation, classes, recipe.eval, epoch == train.epochs - 1, rank)
         counts = all_reduce_sum(torch.tensor(
-            [loader.num_skipped, validation.num_skipped, stats.skipped_steps], dtype=torch.int64, device=device
+            [loader.num_skipped, validation.num_skipped, stats.skipped_steps, stats.void_steps], dtype=torch.int64,
+            device=device,
         ))
         metrics = {
             "epoch": epoch,
@@ -293,6 +348,7 @@ def fit(
             "skipped_train_samples": int(counts[0]),
             "skipped_val_samples": int(counts[1]),
             "skipped_nan_steps": int(counts[2]),
+            "skipped_void_steps": int(counts[3]) // world_size,  # every rank counts the same steps
             "train_images_per_s": run.steps_per_epoch * train.batch_size * world_size / train_time,
             "epoch_time_s": time.time() - epoch_start,
             "worker_started_at": started,

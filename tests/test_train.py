@@ -157,3 +157,115 @@ def test_precision_auto_is_bf16_and_channels_last_on_cuda_only(precision, channe
 
     train = resolve_recipe({"train.precision": precision, "train.channels_last": channels_last}, "deeplab", "t").train
     assert resolve_precision(train, torch.device(device)) == expected
+
+
+# ------------------------------------------------------------------ batches with no labelled pixel
+
+
+@pytest.fixture(scope="module")
+def void_shards(tmp_path_factory):
+    """Four 32x40 images, the second labelled 255 everywhere, as train and val splits."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from segdist.data.classes import DATASET_CLASSES
+    from segdist.data.sample import Sample
+    from segdist.data.shard_writer import build_shards
+
+    rng = np.random.default_rng(0)
+    samples = []
+    for i in range(4):
+        buffer = io.BytesIO()
+        Image.fromarray(rng.integers(0, 255, (32, 40, 3), dtype=np.uint8)).save(buffer, format="PNG")
+        label = rng.integers(0, 3, (32, 40)).astype(np.uint8)
+        if i == 1:
+            label[:] = 255
+        samples.append(Sample(f"s{i}", buffer.getvalue(), label, "png"))
+    base = tmp_path_factory.mktemp("void")
+    for split in ("train", "val"):
+        build_shards(samples, base / split, dataset="synthetic", classes=DATASET_CLASSES["synthetic"])
+    return base / "train", base / "val"
+
+
+def one_image_per_batch(trial):
+    return dataclasses.replace(trial, data=dataclasses.replace(trial.data, shuffle_buffer=1))
+
+
+@pytest.mark.parametrize("on_nan", ["stop", "skip"])
+def test_a_batch_with_no_labelled_pixel_is_skipped_and_counted(void_shards, on_nan):
+    reports = run(one_image_per_batch(tiny_trial(*void_shards, batch_size=1, crop_size=24, on_nan=on_nan)))
+    assert [m["skipped_void_steps"] for m, _ in reports] == [1, 1]  # the all-void image, every epoch
+    assert [m["skipped_nan_steps"] for m, _ in reports] == [0, 0]
+    assert all(math.isfinite(m["train_loss"]) and 0 <= m["val_miou"] <= 1 for m, _ in reports)
+
+
+def test_all_void_images_in_edgemix_training_and_boundary_evaluation(void_shards):
+    trial = tiny_trial(*void_shards, variant="naked.voc.edgemix", batch_size=1, crop_size=24, epochs=1,
+                       evaluation={"boundary_kernels": [3, 5]})
+    reports = run(one_image_per_batch(trial))
+    metrics = reports[-1][0]
+    assert metrics["skipped_void_steps"] == 1 and math.isfinite(metrics["train_loss"])
+    boundary = {k: v for k, v in metrics.items() if "boundary" in k}
+    assert boundary and all(math.isfinite(v) for v in boundary.values() if isinstance(v, float))
+
+
+def test_the_loss_of_a_batch_with_no_labelled_pixel_is_zero_with_zero_gradients():
+    logits = torch.randn(2, 3, 4, 4, requires_grad=True)
+    segmentation_loss(logits, torch.full((2, 4, 4), 255, dtype=torch.int64)).backward()
+    assert logits.grad is not None and not logits.grad.any()
+    soft = torch.zeros(2, 3, 4, 4)
+    assert segmentation_loss(logits, soft).item() == 0.0
+    labels = torch.randint(0, 3, (2, 4, 4))
+    labels[0] = 255  # one void image does not change the mean over the labelled pixels
+    assert segmentation_loss(logits, labels).item() == pytest.approx(
+        F.cross_entropy(logits, labels, ignore_index=255).item(), rel=1e-6)
+
+
+def _void_steps_on_two_ranks(rank, port, out):
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    from segdist.train import StepOptions, host_group, train_one_epoch
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    torch.manual_seed(0)
+    model = torch.nn.Conv2d(3, 3, 1)
+    net = DistributedDataParallel(model)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    images = torch.randint(0, 255, (1, 4, 4, 4), dtype=torch.uint8)
+    labelled, void = torch.ones(1, 4, 4, dtype=torch.uint8), torch.full((1, 4, 4), 255, dtype=torch.uint8)
+    # step 0: rank 0 all void, rank 1 not; step 1: void everywhere; step 2: labelled everywhere
+    batches = [(images, void if rank == 0 else labelled), (images, void), (images, labelled)]
+    stats = train_one_epoch(net, batches, optimizer, scheduler, StepOptions(torch.device("cpu"),
+                            flag_group=host_group()), epoch=0)
+    out.put((rank, stats.steps, stats.void_steps, scheduler.last_epoch, model.weight.detach().clone()))
+    dist.destroy_process_group()
+
+
+def test_ranks_agree_on_void_steps_and_stay_in_step():
+    """Two DDP ranks (gloo): a step void on one rank trains on the other's pixels; a step void
+    on both is skipped by both (no hang, no update); the replicas stay identical."""
+    import torch.multiprocessing as mp
+
+    from tests.conftest import free_port
+
+    ctx = mp.get_context("spawn")
+    out, port = ctx.Queue(), free_port()
+    procs = [ctx.Process(target=_void_steps_on_two_ranks, args=(rank, port, out)) for rank in range(2)]
+    for proc in procs:
+        proc.start()
+    results = sorted(out.get(timeout=120) for _ in procs)
+    for proc in procs:
+        proc.join(timeout=60)
+    assert [r[1:4] for r in results] == [(3, 1, 3), (3, 1, 3)]
+    assert torch.equal(results[0][4], results[1][4])
+
+
+def test_a_batch_of_one_trains_when_every_batchnorm_sees_more_than_one_value(void_shards):
+    """The check's boundary: fpn (output stride 32) at batch 1 is refused at crop 24 (1x1
+    deepest map, tests/test_bad_inputs.py) and trains at crop 33 (2x2)."""
+    reports = run(tiny_trial(*void_shards, variant="fpn", batch_size=1, crop_size=33, epochs=1))
+    assert math.isfinite(reports[0][0]["train_loss"])
