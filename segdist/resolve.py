@@ -249,3 +249,26 @@ def check_recipe(recipe: Recipe, where: str) -> None:
         if not ok:
             raise SegdistError(here + message)
     check_pretrained_spec(m.pretrained, m.depth, f"{where}: model.pretrained", require_file=False)
+    check_norm_inputs(recipe, here)
+
+
+def check_norm_inputs(recipe: Recipe, here: str) -> None:
+    """Refuse a recipe whose training would give a BatchNorm one value per channel (PyTorch
+    raises "Expected more than 1 value per channel when training" at the first step): a batch
+    of one image per norm (batch_size per worker, times the workers under norm "sync") whose
+    smallest feature map is 1x1 for the crop (the deepest map, crop / output stride, rounded
+    up, for every decoder segdist has). Only a batch of one needs the model's shapes."""
+    from segdist.models.factory import smallest_norm_input
+
+    m, t = recipe.model, recipe.train
+    images = t.batch_size * (recipe.resources.workers if m.norm == "sync" else 1)
+    if images > 1:
+        return
+    found = smallest_norm_input(m, t.crop_size)
+    if found is not None and found[1] * found[2] == 1:
+        raise SegdistError(
+            f"{here}BatchNorm {found[0]} would see one value per channel in training: a batch of 1 image "
+            f"per norm and a 1x1 map from crop {show('train.crop_size', t.crop_size)} at output stride "
+            f"{m.output_stride}; use train.batch_size >= 2, a larger train.crop_size, or model.norm sync "
+            f"with resources.workers >= 2")
+

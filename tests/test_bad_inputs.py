@@ -69,6 +69,8 @@ def bad(tmp_path_factory, tiny_shards):
         "contradiction.yaml": yaml.safe_dump({"protocol": "original", "model": {"variant": "voc.size512"},
                                               "train": {"crop_size": 321}}),
         "weights_name.yaml": yaml.safe_dump({"model": {"variant": "naked", "pretrained": "imagenet"}}),
+        "one_value.yaml": yaml.safe_dump({"model": {"variant": "fpn", "depth": 18, "width": 4, "pretrained": None},
+                                          "train": {"batch_size": 1, "crop_size": 24}}),
         "weights_url.yaml": yaml.safe_dump({
             "data": {"train_shards": str(tiny_shards[0]), "val_shards": str(tiny_shards[1])},
             "model": {"variant": "naked", "depth": 18, "width": 64, "pretrained": "torchvision"}}),
@@ -97,6 +99,9 @@ CASES = [
     ("empty search range", ["segdist.tune", "--space", "search.yaml", "--dry-run"], ["search.yaml", "0 < low < high"]),
     ("a study value that contradicts its variant", ["segdist.tune", "--space", "contradiction.yaml", "--dry-run"],
      ["contradiction.yaml", "train.crop_size: 321x321 contradicts variant 'voc.size512'", "'size512' sets 512x512"]),
+    ("a BatchNorm that would see one value per channel", ["segdist.tune", "--space", "one_value.yaml", "--dry-run"],
+     ["one_value.yaml", "BatchNorm backbone.layer4.0.downsample.1 would see one value per channel",
+      "1x1 map from crop 24x24 at output stride 32"]),
     ("unknown ImageNet weights name", ["segdist.tune", "--space", "weights_name.yaml", "--dry-run"],
      ["weights_name.yaml", "model.pretrained: 'imagenet' is neither a known name", "valid: torchvision, tensorpack"]),
     ("unreachable ImageNet weights", ["segdist.tune", "--space", "weights_url.yaml", "--tracking-uri",

@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import copy
+import functools
 from typing import Any
 
 import torch
@@ -20,7 +21,7 @@ from segdist.errors import SegdistError
 from segdist.models import tf1
 from segdist.models.fpn import FPNDecoder
 from segdist.models.heads import ASPPHead, BasicBlockHead, NakedHead
-from segdist.models.resnet import ResNet, convert_sync_batchnorm
+from segdist.models.resnet import FrozenBatchNorm2d, ResNet, convert_sync_batchnorm
 from segdist.models.sobel import EdgeInput, FixedSobel, LearnableSobel, StageExtras, learnable_sobel
 from segdist.models.variant import EDGE_STAGES, FPN_DECODERS, STAGES
 
@@ -207,3 +208,28 @@ def describe_model(model: nn.Module, num_classes: int | None = None, input_size:
         "size_mb": round(params * 4 / 2**20, 2),
         "gflops": round(counter.get_total_flops() / 1e9, 3),
     }
+
+
+@functools.lru_cache(maxsize=64)
+def smallest_norm_input(model, crop: tuple[int, int]) -> tuple[str, int, int] | None:
+    """The BatchNorm that normalises the smallest feature map when `model` (a ModelRecipe)
+    trains on crop (height, width) pixels: (module name, height, width) of that map, or None
+    when no BatchNorm learns from the batch (norm "frozen" freezes the backbone's only). The
+    model is built and run on the meta device: nothing is computed, no weights are read."""
+    with torch.device("meta"):
+        net = build_model(model, 2, load_pretrained=False).eval()
+    seen: dict[str, tuple[int, int]] = {}
+
+    def record(name: str, inputs: tuple) -> None:  # a pre-hook returning None leaves the input alone
+        seen.setdefault(name, tuple(inputs[0].shape[-2:]))
+
+    for name, module in net.named_modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and not isinstance(module, FrozenBatchNorm2d):
+            module.register_forward_pre_hook(lambda _module, inputs, name=name: record(name, inputs))
+    images = torch.zeros(1, 3, *crop, device="meta")
+    with torch.no_grad():
+        net(images, torch.zeros(1, 1, *crop, device="meta")) if net.needs_edges else net(images)
+    if not seen:
+        return None
+    name, (h, w) = min(seen.items(), key=lambda item: item[1][0] * item[1][1])
+    return name, int(h), int(w)
