@@ -10,7 +10,8 @@ as slots, every pass over the data deals the shards out anew (a permutation shar
 slots; slot i takes every slots-th shard): disjoint within a pass, every shard reaching
 every slot over passes (resampling with a fixed epoch length). With fewer shards than slots,
 every slot reads all shards and keeps the samples whose global index is its own modulo the
-slot count. Raw samples pass through a shuffle buffer, are decoded, validated, augmented
+slot count; with fewer samples than slots, training slot s reads sample s mod the sample
+count (samples repeat, none runs dry). Raw samples pass through a shuffle buffer, are decoded, validated, augmented
 straight into the batch arrays. Everything random comes from (seed, epoch, rank,
 world_size, loader_workers, worker), so a loader built with the same arguments yields the
 same batches, byte for byte.
@@ -258,6 +259,17 @@ def _plan(info: DatasetInfo, slot: _Slot) -> tuple[list[int], bool]:
     return list(range(n)), True
 
 
+def _reads(index: int, slot: _Slot, num_samples: int, repeat: bool) -> bool:
+    """Whether `slot` reads sample `index` (global order) when samples are split by index:
+    the slot index mod slots. Training (repeat) with fewer samples than slots deals them
+    round again, slot s reading sample s mod num_samples, so no slot runs dry (samples
+    repeat, as they do across passes); validation keeps each sample on one slot, so some
+    slots read nothing."""
+    if repeat and num_samples < slot.count:
+        return index == slot.index % num_samples
+    return index % slot.count == slot.index
+
+
 def _shard_offsets(info: DatasetInfo) -> list[int]:
     sizes = info.shard_sizes
     if any(s < 0 for s in sizes):
@@ -312,7 +324,7 @@ def _slot_samples(
         for k in order:
             try:
                 for j, sample in enumerate(iter_shard(info.shards[k], info.shard_sizes[k])):
-                    if by_index and (offsets[k] + j) % slot.count != slot.index:
+                    if by_index and not _reads(offsets[k] + j, slot, info.num_samples, repeat):
                         continue
                     produced += 1
                     yield sample

@@ -358,3 +358,30 @@ def test_training_passes_re_deal_shards_across_slots(synth_shards):
     assert set(per_slot[0]) == everything and set(per_slot[1]) == everything
     first_pass_0, first_pass_1 = per_slot[0][:3], per_slot[1][:3]
     assert not set(first_pass_0) & set(first_pass_1)  # disjoint shards within a pass
+
+
+@pytest.fixture(scope="module")
+def few_samples(synth_root, tmp_path_factory):
+    """One shard of 3 training images, and one of 1."""
+    from segdist.data.shard_writer import build_shards
+    from segdist.data.voc import iter_voc
+
+    samples = list(iter_voc(synth_root, "train", classes=SYNTHETIC_CLASSES))
+    out = tmp_path_factory.mktemp("few")
+    for n in (3, 1):
+        build_shards(samples[:n], out / f"n{n}", dataset="synthetic", classes=SYNTHETIC_CLASSES)
+    return {n: read_dataset_info(out / f"n{n}") for n in (3, 1)}
+
+
+@pytest.mark.parametrize("samples,world_size,workers", [(3, 2, 2), (1, 1, 2), (1, 2, 2), (3, 1, 4)])
+def test_fewer_training_samples_than_reading_slots_still_fill_every_rank(few_samples, samples, world_size, workers):
+    """3 images in one shard read by 2 ranks x 2 loader workers (and 1 image by 2 workers):
+    every rank gets its batches (samples repeat); validation still sees each sample once."""
+    info = few_samples[samples]
+    for rank in range(world_size):
+        loader = _train(info, rank=rank, world_size=world_size, loader_workers=workers, batches_per_epoch=3)
+        assert len(_batches(loader)) == 3
+    keys = Counter(key for rank in range(world_size)
+                   for *_, key in val_loader(info, rank=rank, world_size=world_size, loader_workers=workers,
+                                             with_keys=True))
+    assert sorted(keys.values()) == [1] * samples
