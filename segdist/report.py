@@ -195,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m segdist.report",
         description="Print a study's results aggregated over seeds, read from MLflow: mean ± std, "
-        "95%% CI, Δ vs a baseline with Welch's p-value. Also saved to the study's parent run.",
+        "95% CI, Δ vs a baseline with Welch's p-value. Also saved to the study's parent run.",
     )
     parser.add_argument("--experiment", default="quickstart", help="MLflow experiment (= study name)")
     parser.add_argument("--run", default=None, help="parent (study) run id; default: the latest study run")
