@@ -57,7 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="turn a dataset folder into shards",
         description="Read a dataset folder with its real reader and write webdataset .tar "
         "shards, manifest.parquet and dataset.json into --out. Uses all cores; safe to "
-        "interrupt and re-run (finished shards are kept).",
+        "interrupt and re-run (finished shards are kept unless a file they were read from "
+        "changed size or modification time).",
     )
     p.add_argument(
         "--dataset",
@@ -121,6 +122,15 @@ def _cmd_synth(args) -> int:
     return 0
 
 
+def _build_counts(result) -> str:
+    """'3 written (1 because its sources changed), 2 kept from an earlier run'."""
+    changed = ""
+    if result.changed:
+        whose = "its sources" if result.changed == 1 else "their sources"
+        changed = f" ({result.changed} because {whose} changed)"
+    return f"{result.written} written{changed}, {result.reused} kept from an earlier run"
+
+
 def _cmd_build(args) -> int:
     from segdist.data.classes import DATASET_CLASSES
     from segdist.data.shard_writer import build_from_source
@@ -154,7 +164,7 @@ def _cmd_build(args) -> int:
     elapsed = time.perf_counter() - start
     print(
         f"{result.num_samples} samples in {len(result.shards)} shards at {args.out} "
-        f"({result.written} written, {result.reused} kept from an earlier run) in {elapsed:.1f} s"
+        f"({_build_counts(result)}) in {elapsed:.1f} s"
     )
     if result.skipped_keys:
         shown = ", ".join(result.skipped_keys[:10])

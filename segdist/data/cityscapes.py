@@ -62,6 +62,10 @@ class CityscapesSource:
         label = Path(self.root) / "gtFine" / self.split / city / f"{key}{LABEL_SUFFIX}"
         return image, label
 
+    def files(self, key: str) -> list[Path]:
+        """The files load(key) reads: [leftImg8bit image, gtFine labelIds]."""
+        return list(self.paths(key))
+
     def load(self, key: str) -> Sample:
         image_path, label_path = self.paths(key)
         image_bytes = read_bytes(image_path, "image", key)

@@ -77,9 +77,17 @@ class SbdSource:
             raise SegdistError(f"{base / f'{self.split}.txt'}: list file is empty")
         return keys
 
-    def load(self, key: str) -> Sample:
+    def paths(self, key: str) -> tuple[Path, Path]:
+        """(img/<key>.jpg, cls/<key>.mat)."""
         base = sbd_dataset_dir(self.root)
-        image_path, label_path = base / "img" / f"{key}.jpg", base / "cls" / f"{key}.mat"
+        return base / "img" / f"{key}.jpg", base / "cls" / f"{key}.mat"
+
+    def files(self, key: str) -> list[Path]:
+        """The files load(key) reads: [image, label .mat]."""
+        return list(self.paths(key))
+
+    def load(self, key: str) -> Sample:
+        image_path, label_path = self.paths(key)
         image_bytes = read_bytes(image_path, "image", key)
         label = read_sbd_mat(label_path, key)
         check_label(label, len(self.classes), f"{label_path} (sample {key!r})")
@@ -117,24 +125,33 @@ class TrainAugSource:
             raise SegdistError(f"{self.voc_root}: train_aug is empty")
         return keys
 
-    def load(self, key: str) -> Sample:
+    def paths(self, key: str) -> tuple[Path, Path]:
+        """(image, label) of one key: the image from VOC's JPEGImages/ (SBD's img/ if absent
+        there); the label from SegmentationClassAug/<key>.png without SBD, else VOC's
+        SegmentationClass/<key>.png for a key in VOC's train list and SBD's cls/<key>.mat for
+        any other."""
         voc = Path(self.voc_root)
         image_path = voc / "JPEGImages" / f"{key}.jpg"
-        if not image_path.is_file() and self.sbd_root is not None:
-            image_path = sbd_dataset_dir(self.sbd_root) / "img" / f"{key}.jpg"
-        image_bytes = read_bytes(image_path, "image", key)
         if self.sbd_root is None:
-            label_path = voc / "SegmentationClassAug" / f"{key}.png"
-            label = decode_label_png(read_bytes(label_path, "label", key), f"{label_path} (sample {key!r})")
+            return image_path, voc / "SegmentationClassAug" / f"{key}.png"
+        sbd = sbd_dataset_dir(self.sbd_root)
+        if not image_path.is_file():
+            image_path = sbd / "img" / f"{key}.jpg"
+        if key in self._voc_train_keys():
+            return image_path, voc / "SegmentationClass" / f"{key}.png"
+        return image_path, sbd / "cls" / f"{key}.mat"
+
+    def files(self, key: str) -> list[Path]:
+        """The files load(key) reads: [image, label (.png or SBD .mat)], see paths()."""
+        return list(self.paths(key))
+
+    def load(self, key: str) -> Sample:
+        image_path, label_path = self.paths(key)
+        image_bytes = read_bytes(image_path, "image", key)
+        if label_path.suffix == ".mat":
+            label = read_sbd_mat(label_path, key)
         else:
-            label_path = voc / "SegmentationClass" / f"{key}.png"
-            if key in self._voc_train_keys():
-                label = decode_label_png(
-                    read_bytes(label_path, "label", key), f"{label_path} (sample {key!r})"
-                )
-            else:
-                label_path = sbd_dataset_dir(self.sbd_root) / "cls" / f"{key}.mat"
-                label = read_sbd_mat(label_path, key)
+            label = decode_label_png(read_bytes(label_path, "label", key), f"{label_path} (sample {key!r})")
         check_label(label, len(self.classes), f"{label_path} (sample {key!r})")
         check_sizes(image_bytes, label, image_path, label_path, key)
         return Sample(key, image_bytes, label, "jpg", str(image_path))

@@ -16,17 +16,23 @@ Layout of OUT_DIR (e.g. shards/voc/train):
     _parts/                per-shard bookkeeping that makes an interrupted build resumable
 
 Every shard is written under a temporary name and renamed when complete, so a visible shard
-is always whole. A re-run skips shards whose bookkeeping says they hold the same keys built
-with the same settings. Tars are reproducible (fixed mtime, sorted members).
+is always whole. A re-run keeps a finished shard only when its bookkeeping says it holds the
+same keys, built with the same settings, from unchanged sources: build_from_source records
+the path, size and modification time of every file each sample is read from (Source.files),
+build_shards a hash of the samples it was given. Any other shard is rewritten. Tars are
+reproducible (fixed mtime, sorted members).
 
 Two entry points: `build_shards` (any iterable of Samples, one process) and
-`build_from_source` (a picklable source with keys()/load(key), many processes, on-bad
-policy, optional downscale).
+`build_from_source` (a picklable source with keys()/load(key)/files(key), many processes,
+on-bad policy, optional downscale). `shards_up_to_date` tells, without writing, whether
+build_from_source would keep every shard.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
+import itertools
 import json
 import multiprocessing
 import os
@@ -62,11 +68,19 @@ PARTS = "_parts"
 
 
 class Source(Protocol):
-    """What build_from_source needs: picklable, keys() in a fixed order, load(key)."""
+    """What build_from_source needs: picklable, keys() in a fixed order, load(key), files(key).
+
+    files(key) names every file load(key) reads for that sample (image, label, ...), resolved
+    as load would resolve them now; it need not exist (load then raises). The build records
+    each file's size and st_mtime_ns, so a later build rewrites the shards whose files
+    changed. List files need not be named: what they list is keys(), which is compared too.
+    """
 
     def keys(self) -> list[str]: ...
 
     def load(self, key: str) -> Sample: ...
+
+    def files(self, key: str) -> list[Path]: ...
 
 
 @dataclass
@@ -77,6 +91,7 @@ class BuildResult:
     written: int  # shards written by this call
     reused: int  # shards kept from an earlier (interrupted) run
     skipped_keys: list[str] = field(default_factory=list)
+    changed: int = 0  # of `written`: finished shards rewritten because their sources changed
 
 
 # ----------------------------------------------------------------------------- samples
@@ -157,8 +172,13 @@ def _write_shard(
     on_bad: str,
     chunk_keys: list[str] | None,
     settings: dict,
+    sources: dict,
 ) -> dict:
-    """Write one shard (temp name, then rename) and its bookkeeping; return the part record."""
+    """Write one shard (temp name, then rename) and its bookkeeping; return the part record.
+
+    sources: what identifies the samples' sources ({"files": ...} or {"digest": ...}), stored
+    so that a later build can tell whether they changed.
+    """
     acc = _ShardAccumulator(shard, num_classes)
     skipped: list[dict] = []
     seen_keys: list[str] = []
@@ -208,6 +228,7 @@ def _write_shard(
             "shard": shard,
             "keys": chunk_keys if chunk_keys is not None else seen_keys,
             "settings": settings,
+            "sources": sources,
             "rows": acc.rows,
             "skipped": skipped,
             "sum": acc.sum.tolist(),
@@ -230,20 +251,58 @@ def _atomic_write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def _load_part(out_dir: Path, shard: str, chunk_keys: list[str] | None, settings: dict) -> dict | None:
-    """The bookkeeping of a finished shard if it matches this build, else None."""
+def _load_part(
+    out_dir: Path, shard: str, chunk_keys: list[str], settings: dict, sources: dict
+) -> tuple[dict | None, bool]:
+    """(bookkeeping of the finished shard, False) if it matches this build, else (None, changed).
+
+    changed is True when a finished shard holds the same keys with the same settings but
+    its sources differ: a file's path, size or mtime, or the hash of the samples. A part
+    written by a segdist older than this record has no "sources" and counts as changed
+    (rewritten, since nothing tells whether its sources are the same).
+    """
     part_path = out_dir / PARTS / f"{shard}.json"
     if not (out_dir / shard).is_file() or not part_path.is_file():
-        return None
+        return None, False
     try:
         part = json.loads(part_path.read_text())
     except (OSError, ValueError):
-        return None
-    if part.get("settings") != settings:
-        return None
-    if chunk_keys is not None and part.get("keys") != chunk_keys:
-        return None
-    return part
+        return None, False
+    if part.get("settings") != settings or part.get("keys") != chunk_keys:
+        return None, False
+    if part.get("sources") != sources:  # also a part from before this record: rewritten
+        return None, True
+    return part, False
+
+
+def _file_stats(source: Source, keys: list[str]) -> dict:
+    """{"files": [[absolute path, size in bytes, st_mtime_ns], ...]} of every file the keys'
+    samples are read from, in key order; size and mtime are None for a file that cannot be
+    stat'ed (missing). Taken before the files are read, so a file changed during the build
+    is rewritten by the next one."""
+    stats = []
+    for key in keys:
+        for path in source.files(key):
+            path = os.path.abspath(path)
+            try:
+                st = os.stat(path)
+            except OSError:
+                stats.append([path, None, None])
+            else:
+                stats.append([path, st.st_size, st.st_mtime_ns])
+    return {"files": stats}
+
+
+def _samples_digest(samples: list[Sample]) -> dict:
+    """{"digest": blake2b hex} of the samples' keys, image bytes and labels (shape, dtype, values)."""
+    digest = hashlib.blake2b(digest_size=20)
+    for sample in samples:
+        label = np.ascontiguousarray(sample.label)
+        head = [sample.key, sample.image_ext, len(sample.image_bytes), label.dtype.str, list(label.shape)]
+        digest.update(json.dumps(head).encode())
+        digest.update(sample.image_bytes)
+        digest.update(label.tobytes())
+    return {"digest": digest.hexdigest()}
 
 
 def _shard_name(prefix: str, index: int) -> str:
@@ -375,6 +434,12 @@ def build_shards(
     (label out of range, size mismatch, undecodable image) raises SegdistError naming it,
     or is skipped, counted and listed in dataset.json with on_bad="skip". Errors raised by
     the iterable itself always propagate.
+
+    Samples carry no file names, so a re-run cannot tell from files whether they changed:
+    it hashes each chunk of samples it is given (keys, image bytes, labels) and keeps a
+    finished shard only if the hash, keys and settings all match (result.changed counts
+    the shards rewritten for a different hash). The iterable is consumed in full on every
+    run; build_from_source instead stats the files and loads only the shards it rewrites.
     """
     out = Path(out_dir)
     prefix = prefix or out.name
@@ -382,20 +447,13 @@ def build_shards(
     settings = _settings(dataset, classes, downscale, max_samples_per_shard)
     _prepare_out_dir(out, prefix)
     parts = []
-    written = reused = 0
+    written = reused = changed = 0
     iterator = iter(samples)
-    index = 0
-    while True:
-        chunk = []
-        for sample in iterator:
-            chunk.append(sample)
-            if len(chunk) == max_samples_per_shard:
-                break
-        if not chunk:
-            break
-        shard = _shard_name(prefix, index)
+    while chunk := list(itertools.islice(iterator, max_samples_per_shard)):
+        shard = _shard_name(prefix, len(parts))
         keys = [s.key for s in chunk]
-        part = _load_part(out, shard, keys, settings)
+        sources = _samples_digest(chunk)
+        part, stale = _load_part(out, shard, keys, settings, sources)
         if part is None:
             part = _write_shard(
                 out,
@@ -407,14 +465,14 @@ def build_shards(
                 on_bad=on_bad,
                 chunk_keys=keys,
                 settings=settings,
+                sources=sources,
             )
-            written += 1
+            written, changed = written + 1, changed + stale
         else:
             reused += 1
         parts.append(part)
-        index += 1
     result = _finalize(out, prefix, parts, dataset=dataset, classes=classes, downscale=downscale)
-    result.written, result.reused = written, reused
+    result.written, result.reused, result.changed = written, reused, changed
     return result
 
 
@@ -439,7 +497,7 @@ def _load_samples(source: Source, keys: list[str], on_bad: str):
 
 
 def _build_chunk(job: tuple) -> dict:
-    source, out_dir, shard, keys, dataset, num_classes, downscale, on_bad, settings = job
+    source, out_dir, shard, keys, sources, dataset, num_classes, downscale, on_bad, settings = job
     return _write_shard(
         Path(out_dir),
         shard,
@@ -450,12 +508,51 @@ def _build_chunk(job: tuple) -> dict:
         on_bad=on_bad,
         chunk_keys=keys,
         settings=settings,
+        sources=sources,
     )
 
 
 def _worker_init() -> None:
     # The parent handles Ctrl-C (terminates the pool); workers just die with it.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _source_keys(source: Source) -> list[str]:
+    """source.keys(), checked: a files(key) method, at least one key, no key twice."""
+    if not callable(getattr(source, "files", None)):
+        raise SegdistError(f"{source}: a source needs files(key) (the files a sample is read from)")
+    keys = source.keys()
+    if not keys:
+        raise SegdistError(f"{source}: no samples listed")
+    if len(set(keys)) != len(keys):
+        dup = next(k for k in keys if keys.count(k) > 1)
+        raise SegdistError(f"{source}: sample key {dup!r} listed twice")
+    return keys
+
+
+def _chunks(keys: list[str], shard_size: int, prefix: str) -> tuple[list[list[str]], list[str]]:
+    """The keys of each shard (shard_size at a time, in order) and the shards' names."""
+    chunks = [keys[i : i + shard_size] for i in range(0, len(keys), shard_size)]
+    return chunks, [_shard_name(prefix, i) for i in range(len(chunks))]
+
+
+def _run_jobs(jobs: list[tuple], workers: int, on_part: Callable[[dict], None]) -> None:
+    """Build every job's shard (in this process when workers == 1), on_part(part) as each ends."""
+    if workers == 1 or len(jobs) <= 1:
+        for job in jobs:
+            on_part(_build_chunk(job))
+        return
+    ctx = multiprocessing.get_context("spawn" if os.name == "nt" else "forkserver")
+    pool = ctx.Pool(workers, initializer=_worker_init)
+    try:
+        for part in pool.imap_unordered(_build_chunk, jobs):
+            on_part(part)
+        pool.close()
+    except BaseException:
+        pool.terminate()
+        raise
+    finally:
+        pool.join()
 
 
 def build_from_source(
@@ -474,59 +571,74 @@ def build_from_source(
     """Build shards from a source's keys with `workers` processes (default: all cores).
 
     Shard i holds keys[i*shard_size:(i+1)*shard_size] (minus skipped ones), so an
-    interrupted build resumes where it stopped: finished shards with the same keys and
-    settings are kept. progress(done, total) is called after every shard.
+    interrupted build resumes where it stopped: a finished shard is kept when its keys and
+    settings are the same and every file source.files(key) names for them has the size and
+    st_mtime_ns recorded when it was written; otherwise it is rewritten (counted in
+    result.changed when only the files differ). progress(done, total) is called after
+    every shard. SegdistError for a source without files(), no keys or a key listed twice.
     """
     out = Path(out_dir)
     prefix = prefix or out.name
     _check_common(classes, shard_size, downscale, on_bad)
-    keys = source.keys()
-    if not keys:
-        raise SegdistError(f"{source}: no samples listed")
-    if len(set(keys)) != len(keys):
-        dup = next(k for k in keys if keys.count(k) > 1)
-        raise SegdistError(f"{source}: sample key {dup!r} listed twice")
+    keys = _source_keys(source)
     settings = _settings(dataset, classes, downscale, shard_size)
     _prepare_out_dir(out, prefix)
-    chunks = [keys[i : i + shard_size] for i in range(0, len(keys), shard_size)]
-    names = [_shard_name(prefix, i) for i in range(len(chunks))]
+    chunks, names = _chunks(keys, shard_size, prefix)
     parts: dict[str, dict] = {}
     jobs = []
-    for name, chunk in zip(names, chunks, strict=False):
-        part = _load_part(out, name, chunk, settings)
+    changed = 0
+    for name, chunk in zip(names, chunks, strict=True):
+        sources = _file_stats(source, chunk)
+        part, stale = _load_part(out, name, chunk, settings, sources)
         if part is not None:
             parts[name] = part
         else:
-            jobs.append((source, str(out), name, chunk, dataset, len(classes), downscale, on_bad, settings))
+            changed += stale
+            job = (source, str(out), name, chunk, sources, dataset, len(classes), downscale, on_bad, settings)
+            jobs.append(job)
     reused = len(parts)
-    workers = max(1, min(workers or os.cpu_count() or 1, len(jobs) or 1))
-    done = reused
+
+    def on_part(part: dict) -> None:
+        parts[part["shard"]] = part
+        if progress:
+            progress(len(parts), len(chunks))
+
     if progress:
-        progress(done, len(chunks))
-    if workers == 1 or len(jobs) <= 1:
-        for job in jobs:
-            part = _build_chunk(job)
-            parts[part["shard"]] = part
-            done += 1
-            if progress:
-                progress(done, len(chunks))
-    else:
-        ctx = multiprocessing.get_context("spawn" if os.name == "nt" else "forkserver")
-        pool = ctx.Pool(workers, initializer=_worker_init)
-        try:
-            for part in pool.imap_unordered(_build_chunk, jobs):
-                parts[part["shard"]] = part
-                done += 1
-                if progress:
-                    progress(done, len(chunks))
-            pool.close()
-        except BaseException:
-            pool.terminate()
-            raise
-        finally:
-            pool.join()
+        progress(reused, len(chunks))
+    _run_jobs(jobs, max(1, min(workers or os.cpu_count() or 1, len(jobs) or 1)), on_part)
     result = _finalize(
         out, prefix, [parts[n] for n in names], dataset=dataset, classes=classes, downscale=downscale
     )
-    result.written, result.reused = len(jobs), reused
+    result.written, result.reused, result.changed = len(jobs), reused, changed
     return result
+
+
+def shards_up_to_date(
+    source: Source,
+    out_dir: str | os.PathLike,
+    *,
+    dataset: str,
+    classes: Sequence[str],
+    shard_size: int = 64,
+    prefix: str | None = None,
+    downscale: float = 1.0,
+) -> bool:
+    """True if OUT_DIR holds a finished build_from_source build (dataset.json present) of
+    these arguments that would keep every shard: same shard names, keys and settings, and
+    every source file's size and st_mtime_ns as recorded. Stats the files, reads no sample
+    and writes nothing. SegdistError as in build_from_source for a bad source."""
+    out = Path(out_dir)
+    prefix = prefix or out.name
+    keys = _source_keys(source)
+    settings = _settings(dataset, classes, downscale, shard_size)
+    chunks, names = _chunks(keys, shard_size, prefix)
+    try:
+        info = json.loads((out / DATASET_JSON).read_text())
+    except (OSError, ValueError):
+        return False
+    if not isinstance(info, dict) or info.get("shards") != names:
+        return False
+    return all(
+        _load_part(out, name, chunk, settings, _file_stats(source, chunk))[0] is not None
+        for name, chunk in zip(names, chunks, strict=True)
+    )

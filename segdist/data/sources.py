@@ -9,7 +9,8 @@ DATASETS = ("voc", "sbd", "cityscapes", "synthetic")
 
 
 def make_source(dataset: str, root: str, split: str, *, sbd_root: str | None = None):
-    """A picklable source with keys() and load(key) for DATASET at ROOT, split SPLIT.
+    """A picklable source with keys(), load(key) and files(key) (the files a sample is read
+    from; segdist.data.shard_writer.Source) for DATASET at ROOT, split SPLIT.
 
     voc / synthetic: ROOT = a VOC-layout folder; split = any ImageSets/Segmentation list
       (train, val, ...); split train_aug = VOC train_aug (see segdist.data.sbd).

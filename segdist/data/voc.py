@@ -91,6 +91,10 @@ class VocSource:
     def label_path(self, key: str) -> Path:
         return Path(self.root) / self.label_dir / f"{key}.png"
 
+    def files(self, key: str) -> list[Path]:
+        """The files load(key) reads: [image, label]."""
+        return [self.image_path(key), self.label_path(key)]
+
     def load(self, key: str) -> Sample:
         image_path, label_path = self.image_path(key), self.label_path(key)
         image_bytes = read_bytes(image_path, "image", key)

@@ -1,13 +1,16 @@
 import json
+import os
 import subprocess
 import sys
 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from PIL import Image
 
 from segdist.data.classes import SYNTHETIC_CLASSES
 from segdist.data.shard_writer import build_from_source
+from segdist.data.stream import decode_sample, iter_shard
 from segdist.data.voc import VocSource
 from segdist.shards import main
 
@@ -175,3 +178,24 @@ def test_interrupted_build_resumes(synth_root, tmp_path):
         workers=1,
     )
     assert result.reused == 1 and result.written == 2 and result.num_samples == 13
+
+
+def test_rebuild_after_a_label_fix(tmp_path, capsys):
+    root, out = tmp_path / "synth", tmp_path / "shards" / "train"
+    main(["synth", "--out", str(root), "--train", "5", "--val", "1"])
+    args = ["build", "--dataset", "synthetic", "--root", str(root), "--split", "train", "--out", str(out)]
+    args += ["--shard-size", "2", "--workers", "1", "--quiet"]
+    assert main(args) == 0
+    assert "(3 written, 0 kept from an earlier run)" in capsys.readouterr().out
+    path = root / "SegmentationClass" / "000002.png"
+    label = np.asarray(Image.open(path)).copy()
+    label[label != 255] = 1
+    save_palette_png(path, label)
+    st = os.stat(path)
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 10_000_000_000))
+    assert main(args) == 0
+    assert "(1 written (1 because its sources changed), 2 kept from an earlier run)" in capsys.readouterr().out
+    served = {s["__key__"]: decode_sample(s, 6)[2] for s in iter_shard(str(out / "train-000001.tar"))}
+    assert np.array_equal(served["000002"], label)
+    assert main(args) == 0
+    assert "(0 written, 3 kept from an earlier run)" in capsys.readouterr().out
