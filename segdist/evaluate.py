@@ -19,6 +19,7 @@ Command line (`python -m segdist.evaluate --help`):
         [--scales 0.5,0.75,1,1.25,1.5] [--flip] [--crf] [--boundary 11,15,19] [--json]
     # folders of label PNGs in the dataset's official format
     python -m segdist.evaluate --pred-dir P --gt-dir G --dataset voc|cityscapes [--json]
+        [--pred-ids auto|label|train]   # Cityscapes: labelIds (default) or trainIds
     # seconds per image: whole image, MSF, CRF
     python -m segdist.evaluate --benchmark
 """
@@ -45,6 +46,7 @@ import torch.distributed as dist
 from PIL import Image
 
 from segdist.boundary import DEFAULT_KERNELS, boundary_mask, boundary_scores, check_kernels
+from segdist.data.cityscapes import to_train_ids
 from segdist.data.classes import (
     CITYSCAPES_CLASSES,
     CITYSCAPES_MAX_LABEL_ID,
@@ -53,7 +55,6 @@ from segdist.data.classes import (
     IMAGENET_STD,
     VOC_CLASSES,
     cityscapes_label_id_lut,
-    cityscapes_train_id_lut,
     voc_palette,
 )
 from segdist.errors import SegdistError, exit_on_user_error
@@ -412,27 +413,109 @@ def check_classes_match(ckpt_classes: Sequence[str], info, ckpt_where: str) -> N
 
 # ----------------------------------------------------------------------------- folders of PNGs
 
+CITYSCAPES_PRED_IDS = ("auto", "label", "train")
+_CITYSCAPES_TRAIN_IDS = len(CITYSCAPES_CLASSES)  # trainIds 0..18 (255: no class)
 
-def _read_index_png(path: Path, what: str) -> np.ndarray:
+
+def _read_index_png(path: Path, what: str, rgb_ok: bool = False) -> np.ndarray:
+    """An 8-bit one-channel PNG (mode P or L) as uint8 [H, W] values (palette PNGs: their
+    indices). rgb_ok: also return RGB/RGBA PNGs, as uint8 [H, W, 3|4]. SegdistError for
+    anything else (16-bit, colour when not rgb_ok, unreadable)."""
     try:
         with Image.open(path) as im:
-            if im.mode not in ("P", "L"):
-                raise SegdistError(
-                    f"{path}: {what} PNG has mode {im.mode}; expected one channel of label values (P or L)"
-                )
-            return np.asarray(im, dtype=np.uint8)
+            if im.mode in ("P", "L") or (rgb_ok and im.mode in ("RGB", "RGBA")):
+                return np.asarray(im, dtype=np.uint8)
+            kind = {"I;16": "a 16-bit", "I": "a 32-bit", "1": "a 1-bit", "RGB": "a colour", "RGBA": "a colour"}
+            raise SegdistError(f"{path}: {what} PNG is {kind.get(im.mode, 'an unsupported')} image (mode "
+                               f"{im.mode}); expected one 8-bit channel of label values (mode P or L)")
     except SegdistError:
         raise
     except Exception as err:
         raise SegdistError(f"{path}: cannot read {what} PNG ({err})") from None
 
 
-def _png_size(path: Path) -> tuple[int, int]:
-    try:
-        with Image.open(path) as im:
-            return im.size
-    except Exception as err:
-        raise SegdistError(f"{path}: cannot read PNG ({err})") from None
+def _voc_colours_to_indices(rgb: np.ndarray, path: Path) -> np.ndarray:
+    """uint8 [H, W, 3|4] drawn in the VOC colour map -> class indices 0..20. Exact colours
+    only: any other colour, or a transparent pixel, is a SegdistError naming the file."""
+    if rgb.shape[2] == 4 and (rgb[..., 3] != 255).any():
+        raise SegdistError(f"{path}: colour prediction has transparent pixels; expected opaque VOC class colours")
+    packed = (rgb[..., 0].astype(np.int32) << 16) | (rgb[..., 1].astype(np.int32) << 8) | rgb[..., 2]
+    colours, inverse = np.unique(packed, return_inverse=True)
+    palette = np.array(voc_palette(), dtype=np.int32).reshape(256, 3)[: len(VOC_CLASSES)]
+    index_of = {int(r) << 16 | int(g) << 8 | int(b): i for i, (r, g, b) in enumerate(palette)}
+    unknown = [int(c) for c in colours if int(c) not in index_of]
+    if unknown:
+        c = unknown[0]
+        raise SegdistError(
+            f"{path}: colour ({c >> 16}, {c >> 8 & 255}, {c & 255}) is not one of the {len(VOC_CLASSES)} VOC class "
+            f"colours ({len(unknown)} unknown colour(s)); save class indices 0..{len(VOC_CLASSES) - 1} or exact "
+            "VOC colours"
+        )
+    return np.array([index_of[int(c)] for c in colours], dtype=np.uint8)[inverse.reshape(packed.shape)]
+
+
+def _voc_pair(pred_path: Path, gt_path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """(prediction, ground truth) class indices of one VOC pair, checked."""
+    c = len(VOC_CLASSES)
+    pred = _read_index_png(pred_path, "prediction", rgb_ok=True)
+    if pred.ndim == 3:
+        pred = _voc_colours_to_indices(pred, pred_path)
+    gt = _read_index_png(gt_path, "ground-truth")
+    _check_same_size(pred, gt, pred_path, gt_path)
+    bad_gt = (gt >= c) & (gt != IGNORE_INDEX)
+    if bad_gt.any():
+        raise SegdistError(f"{gt_path}: ground-truth value {int(gt[bad_gt][0])} outside 0..{c - 1} and 255")
+    if pred.size and int(pred.max()) >= c:
+        raise SegdistError(f"{pred_path}: prediction value {int(pred.max())} outside the VOC classes 0..{c - 1}")
+    return pred, gt
+
+
+def _cityscapes_pair(pred_path: Path, gt_path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """(prediction as stored, ground truth in trainIds) of one Cityscapes pair; the ground
+    truth must hold labelIds."""
+    pred = _read_index_png(pred_path, "prediction")
+    gt = _read_index_png(gt_path, "ground-truth")
+    _check_same_size(pred, gt, pred_path, gt_path)
+    if gt.size and int(gt.max()) > CITYSCAPES_MAX_LABEL_ID:
+        raise SegdistError(f"{gt_path}: ground-truth value {int(gt.max())} is not a Cityscapes labelId "
+                           f"(0..{CITYSCAPES_MAX_LABEL_ID}); expected gtFine labelIds")
+    return pred, to_train_ids(gt)
+
+
+def _cityscapes_prediction(pred: np.ndarray, path: Path, pred_ids: str) -> np.ndarray:
+    """A stored Cityscapes prediction -> trainIds (255: no class). pred_ids "train": it holds
+    trainIds (0..18, 255); "label" or "auto": labelIds (0..33)."""
+    if pred_ids == "train":
+        bad = (pred >= _CITYSCAPES_TRAIN_IDS) & (pred != IGNORE_INDEX)
+        if bad.any():
+            raise SegdistError(f"{path}: prediction value {int(pred[bad][0])} is not a Cityscapes trainId "
+                               f"(0..{_CITYSCAPES_TRAIN_IDS - 1}, 255) as --pred-ids train says")
+        return pred
+    if pred.size and int(pred.max()) > CITYSCAPES_MAX_LABEL_ID:
+        hint = " (trainIds? pass --pred-ids train)" if _looks_like_train_ids(pred) else ""
+        raise SegdistError(f"{path}: prediction value {int(pred.max())} is not a Cityscapes labelId "
+                           f"(0..{CITYSCAPES_MAX_LABEL_ID}){hint}; predictions must hold labelIds, not colours")
+    return to_train_ids(pred)
+
+
+def _looks_like_train_ids(pred: np.ndarray) -> bool:
+    """Only trainId values (0..18, or 255 for no class) in a Cityscapes prediction."""
+    return not ((pred >= _CITYSCAPES_TRAIN_IDS) & (pred != IGNORE_INDEX)).any()
+
+
+def _check_same_size(pred: np.ndarray, gt: np.ndarray, pred_path: Path, gt_path: Path) -> None:
+    if pred.shape[:2] != gt.shape[:2]:
+        (ph, pw), (gh, gw) = pred.shape[:2], gt.shape[:2]
+        raise SegdistError(f"{pred_path}: prediction is {pw}x{ph} but ground truth {gt_path} is {gw}x{gh}")
+
+
+def _train_ids_error(pred_dir: Path, count: int) -> SegdistError:
+    return SegdistError(
+        f"{pred_dir}: the predictions look like Cityscapes trainIds (values 0..18 only, in {count} file{'s' * (count != 1)}; "
+        "labelIds of real scenes hold ids above 18 such as sky 23 or car 26); pass --pred-ids train to score "
+        "them as trainIds (or convert them to labelIds, e.g. with cityscapesScripts' trainId->id table), or "
+        "--pred-ids label to score them as labelIds anyway"
+    )
 
 
 def _read_ids(path: Path) -> list[str]:
@@ -496,61 +579,58 @@ def score_folders(
     *,
     boundary_kernels: Sequence[int] = (),
     id_list: str | os.PathLike | None = None,
+    pred_ids: str | None = None,
 ) -> dict[str, Any]:
     """Score a folder of predicted label PNGs against ground truth, in the dataset's
     official format:
 
     voc: GT_DIR holds <name>.png (SegmentationClass: class indices 0..20, 255 void), at
-      any depth; PRED_DIR the same relative paths with indices 0..20. With `id_list`
-      (e.g. ImageSets/Segmentation/val.txt) only the listed names are scored.
+      any depth; PRED_DIR the same relative paths with indices 0..20 (mode P or L), or
+      drawn in the VOC colour map (mode RGB/RGBA, exact class colours, mapped back to
+      indices). With `id_list` (e.g. ImageSets/Segmentation/val.txt) only the listed
+      names are scored.
     cityscapes: GT_DIR holds gtFine/<split>/<city>/*_gtFine_labelIds.png (labelIds); PRED_DIR
-      one <city>_<seq>_<frame>*.png per GT file, anywhere below it, holding labelIds (as
-      the official benchmark requires). Both are mapped to the 19 train ids; a predicted
-      labelId that is no evaluated class counts as a miss (FN) of the GT class and as a
-      false positive of none, as in cityscapesscripts.
+      one <city>_<seq>_<frame>*.png per GT file, anywhere below it. `pred_ids` says what
+      the predictions hold: "label" labelIds (as the official benchmark requires), "train"
+      trainIds 0..18 (255: no class), "auto"/None labelIds, but a folder whose values are
+      all in 0..18 (trainIds, as an argmax gives) is refused. Both are scored in the 19
+      trainIds; a predicted labelId that is no evaluated class (or trainId 255) counts as
+      a miss (FN) of the GT class and as a false positive of none, as in cityscapesscripts.
 
     Returns summarize()-style JSON (miou, per_class_iou, pixel_acc, mean_acc, num_images,
-    boundary). Missing files, size mismatches and values outside the format: SegdistError.
+    boundary). Missing files, size mismatches, 16-bit or colour PNGs where indices are
+    needed and values outside the format: SegdistError (one line naming the file).
     """
     pred_dir, gt_dir = Path(pred_dir), Path(gt_dir)
     for folder, what in ((pred_dir, "prediction"), (gt_dir, "ground-truth")):
         if not folder.is_dir():
             raise SegdistError(f"{folder}: {what} folder not found")
     kernels = check_kernels(boundary_kernels)
-    if dataset == "voc":
-        ids = _read_ids(Path(id_list)) if id_list is not None else None
-        classes, pairs = list(VOC_CLASSES), _pairs_voc(pred_dir, gt_dir, ids)
-    elif dataset == "cityscapes":
-        classes, pairs = list(CITYSCAPES_CLASSES), _pairs_cityscapes(pred_dir, gt_dir)
-        to_train = np.array(cityscapes_train_id_lut(), dtype=np.uint8)
-    else:
+    if dataset not in ("voc", "cityscapes"):
         raise SegdistError(f"--dataset must be voc or cityscapes, got {dataset!r}")
     if id_list is not None and dataset != "voc":
         raise SegdistError("--list is for --dataset voc (Cityscapes scores every gtFine file below --gt-dir)")
+    if pred_ids is not None and pred_ids not in CITYSCAPES_PRED_IDS:
+        raise SegdistError(f"--pred-ids must be one of {', '.join(CITYSCAPES_PRED_IDS)}, got {pred_ids!r}")
+    if pred_ids is not None and dataset != "cityscapes":
+        raise SegdistError("--pred-ids is for --dataset cityscapes (VOC predictions hold class indices or VOC colours)")
+    if dataset == "voc":
+        classes = list(VOC_CLASSES)
+        pairs = _pairs_voc(pred_dir, gt_dir, _read_ids(Path(id_list)) if id_list is not None else None)
+    else:
+        classes, pairs = list(CITYSCAPES_CLASSES), _pairs_cityscapes(pred_dir, gt_dir)
     c = len(classes)
     zeros = lambda: torch.zeros(c, c + 1, dtype=torch.int64)  # noqa: E731
     confusion = zeros()
     boundary = {k: (zeros(), zeros()) for k in kernels}
+    all_train_ids = True
     for pred_path, gt_path in pairs:
-        if _png_size(pred_path) != _png_size(gt_path):
-            (pw, ph), (gw, gh) = _png_size(pred_path), _png_size(gt_path)
-            raise SegdistError(f"{pred_path}: prediction is {pw}x{ph} but ground truth {gt_path} is {gw}x{gh}")
-        pred = _read_index_png(pred_path, "prediction")
-        gt = _read_index_png(gt_path, "ground-truth")
         if dataset == "voc":
-            bad_gt = (gt >= c) & (gt != IGNORE_INDEX)
-            if bad_gt.any():
-                raise SegdistError(f"{gt_path}: ground-truth value {int(gt[bad_gt][0])} outside 0..{c - 1} and 255")
-            if int(pred.max()) >= c:
-                raise SegdistError(f"{pred_path}: prediction value {int(pred.max())} outside the VOC classes 0..{c - 1}")
+            pred, gt = _voc_pair(pred_path, gt_path)
         else:
-            for array, path, what in ((gt, gt_path, "ground truth"), (pred, pred_path, "prediction")):
-                if int(array.max()) > CITYSCAPES_MAX_LABEL_ID:
-                    raise SegdistError(
-                        f"{path}: {what} value {int(array.max())} is not a Cityscapes labelId (0..{CITYSCAPES_MAX_LABEL_ID}); "
-                        "predictions must hold labelIds, not trainIds or colours"
-                    )
-            gt, pred = to_train[gt], to_train[pred]
+            pred, gt = _cityscapes_pair(pred_path, gt_path)
+            all_train_ids = all_train_ids and int(pred.max(initial=0)) < _CITYSCAPES_TRAIN_IDS
+            pred = _cityscapes_prediction(pred, pred_path, pred_ids or "auto")
         gt_t, pred_t = torch.from_numpy(gt.astype(np.int64)), torch.from_numpy(pred.astype(np.int64))
         confusion += confusion_matrix_with_void(pred_t, gt_t, c)
         for k in kernels:
@@ -558,6 +638,8 @@ def score_folders(
             b, i = boundary[k]
             b += confusion_matrix_with_void(pred_t[mask], gt_t[mask], c)
             i += confusion_matrix_with_void(pred_t[~mask], gt_t[~mask], c)
+    if dataset == "cityscapes" and pred_ids in (None, "auto") and all_train_ids:
+        raise _train_ids_error(pred_dir, len(pairs))
     summary: dict[str, Any] = _named(scores(confusion), classes)
     summary["num_images"] = len(pairs)
     if kernels:
@@ -752,7 +834,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     mode = parser.add_argument_group("what to score (one of)")
     mode.add_argument("--checkpoint", help="checkpoint.pt written by training (model rebuilt from its config)")
-    mode.add_argument("--pred-dir", help="folder of predicted label PNGs (VOC indices / Cityscapes labelIds)")
+    mode.add_argument("--pred-dir", help="folder of predicted label PNGs (VOC indices or VOC colours / Cityscapes "
+                      "labelIds, or trainIds with --pred-ids train)")
     mode.add_argument("--benchmark", action="store_true",
                       help="print seconds per image for whole-image inference, MSF (0.5..1.5 + flip, "
                       "sliding tiles of --tile, default 321) and DenseCRF (--crf-workers, default 1) on "
@@ -790,6 +873,10 @@ def build_parser() -> argparse.ArgumentParser:
     fo.add_argument("--list", dest="id_list", metavar="FILE",
                     help="VOC: score only the names in this list (e.g. ImageSets/Segmentation/val.txt); "
                     "default: every PNG below --gt-dir")
+    fo.add_argument("--pred-ids", choices=CITYSCAPES_PRED_IDS, default=None,
+                    help="Cityscapes: what the predictions hold: label = labelIds (the official format), "
+                    "train = trainIds 0..18 (255: no class), as an argmax gives; auto (default) = labelIds, "
+                    "but a folder with values 0..18 only is refused as trainIds")
     common = parser.add_argument_group("output")
     common.add_argument("--boundary", type=_int_list, nargs="?", const=DEFAULT_KERNELS, default=None,
                         metavar="K,K,...", help="boundary/inner statistics for these odd kernel sizes "
@@ -905,7 +992,8 @@ def main(argv: list[str] | None = None) -> int:
         if not args.gt_dir or not args.dataset:
             raise SegdistError("--pred-dir needs --gt-dir and --dataset voc|cityscapes")
         summary = score_folders(
-            args.pred_dir, args.gt_dir, args.dataset, boundary_kernels=args.boundary or (), id_list=args.id_list
+            args.pred_dir, args.gt_dir, args.dataset, boundary_kernels=args.boundary or (), id_list=args.id_list,
+            pred_ids=args.pred_ids,
         )
     else:
         summary = _run_checkpoint(args)
