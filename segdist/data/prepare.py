@@ -9,7 +9,8 @@ import shutil
 from pathlib import Path
 
 from segdist.data.classes import SYNTHETIC_CLASSES
-from segdist.data.shard_writer import DATASET_JSON, build_from_source, shards_up_to_date
+from segdist.data.sample import DATASET_JSON
+from segdist.data.shard_writer import build_from_source, shards_up_to_date
 from segdist.data.synthetic import write_synthetic_voc
 from segdist.data.voc import VocSource
 

@@ -92,6 +92,7 @@ def encode_label_png(label: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
+DATASET_JSON = "dataset.json"  # a shard folder's index: shard_writer writes it, stream reads it
 _IMREAD_RGB = cv2.IMREAD_COLOR_RGB | cv2.IMREAD_IGNORE_ORIENTATION
 
 # Labels in shards: the raw uint8 [H, W] array as one zstd frame (a standard .zst: `zstd -d`

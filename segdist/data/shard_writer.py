@@ -51,6 +51,7 @@ from PIL import Image
 
 from segdist.data.classes import IGNORE_INDEX
 from segdist.data.sample import (
+    DATASET_JSON,
     Sample,
     check_key,
     check_label,
@@ -63,7 +64,6 @@ from segdist.errors import SegdistError
 # 2: labels as KEY.label.zst (1: KEY.png palette PNGs; still read). A re-run rebuilds older shards.
 FORMAT_VERSION = 2
 MANIFEST = "manifest.parquet"
-DATASET_JSON = "dataset.json"
 PARTS = "_parts"
 
 

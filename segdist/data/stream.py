@@ -44,6 +44,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from segdist.data.classes import IGNORE_INDEX
 from segdist.data.sample import (
+    DATASET_JSON,
     check_label,
     decode_image,
     decode_label_png,
@@ -54,7 +55,6 @@ from segdist.data.tarstream import TarFormatError, iter_samples, iter_tar
 from segdist.data.transforms import EvalTransform, TrainTransform
 from segdist.errors import SegdistError
 
-DATASET_JSON = "dataset.json"
 _PYARROW_SCHEMES = {"s3", "gs", "gcs", "hdfs", "viewfs", "abfs", "abfss"}
 
 
