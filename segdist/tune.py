@@ -121,12 +121,49 @@ def prepare_weights(study: StudyConfig) -> None:
         fetch_pretrained(spec, depth)
 
 
-def prepare_smoke(study: StudyConfig) -> StudyConfig:
+def smoke_shards() -> tuple[str, str]:
+    """The generated data set of --smoke (data/smoke, 16 + 4 images), sharded if it is not yet."""
     from segdist.data.prepare import prepare_synthetic
 
     train, val = (str(Path(p).resolve()) for p in SMOKE_SHARDS)
     prepare_synthetic(str(Path("data/smoke").resolve()), train, val, n_train=16, n_val=4)
-    return smoke_study(study, train, val)
+    return train, val
+
+
+def prepare_smoke(study: StudyConfig) -> StudyConfig:
+    return smoke_study(study, *smoke_shards())
+
+
+SMOKE_CRF_VARIANT = "voc.size512"  # the model whose probabilities the log's CRF rows searched over
+SMOKE_CRF_PROBABILITIES = "data/smoke/probs"
+
+
+def prepare_crf_smoke(grid):
+    """--smoke for a CRF grid (segdist.crf.CrfGrid): the probabilities of an untrained
+    smoke-size SMOKE_CRF_VARIANT over the generated validation set, with its recipe's
+    evaluation (scales, flip, tiles), written afresh to SMOKE_CRF_PROBABILITIES; returns the
+    grid pointed at them (name suffixed -smoke, one CRF process per trial)."""
+    import shutil
+
+    import torch
+
+    from segdist.data.stream import read_dataset_info, val_loader
+    from segdist.evaluate import save_probabilities
+    from segdist.models import build_model
+    from segdist.resolve import resolve_recipe
+
+    info = read_dataset_info(smoke_shards()[1])
+    recipe = resolve_recipe({"model.variant": SMOKE_CRF_VARIANT, "model.pretrained": None}, "original",
+                            grid.path, smoke=True)
+    torch.manual_seed(0)
+    model = build_model(recipe.model, info.num_classes, load_pretrained=False).eval()
+    folder = Path(SMOKE_CRF_PROBABILITIES).resolve()
+    shutil.rmtree(folder, ignore_errors=True)  # no samples of an earlier run left beside the new ones
+    loader = val_loader(info, rank=0, world_size=1, loader_workers=0, with_keys=True)
+    e = recipe.eval
+    save_probabilities(model, loader, folder, info.classes, torch.device("cpu"), scales=e.scales, flip=e.flip,
+                       tile_size=e.tile, meta={"variant": SMOKE_CRF_VARIANT, "smoke": True})
+    return dataclasses.replace(grid, name=f"{grid.name}-smoke", probabilities=str(folder), workers=1)
 
 
 def resolve_storage(storage: str | None) -> str:
@@ -434,6 +471,8 @@ def run_crf_study(args: argparse.Namespace) -> int:
     )
 
     grid = load_crf_grid(args.space)
+    if args.smoke and not (args.dry_run or args.explain):
+        grid = prepare_crf_smoke(grid)
     if args.dry_run or args.explain:  # a grid's recipe is its parameter sets
         combos = grid.combinations()
         print(f"{len(combos)} CRF trials over {grid.probabilities}:")

@@ -270,3 +270,25 @@ def test_gcn_study_smoke_runs_on_ray_and_records_one_child_run_per_configuration
         assert math.isfinite(run.data.metrics["final_miou"])  # the recipe's evaluation
     report = open(client.download_artifacts(parents[0].info.run_id, "report.md")).read()
     assert "naked.gcn.lr10" in report and "naked.fpn.lr10.scale8" in report
+
+
+@pytest.mark.integration
+def test_crf_grid_smoke_saves_probabilities_of_a_smoke_model_and_runs_the_grid(tmp_path):
+    """`--smoke` for kind: crf_grid needs no checkpoint: an untrained smoke-size voc.size512
+    writes its probabilities over the generated set, and the log's grid runs over them."""
+    from mlflow.tracking import MlflowClient
+
+    from segdist.crf import load_crf_grid, read_meta, saved_keys
+
+    db = tmp_path / "mlflow.db"
+    result = run_cli(["segdist.tune", "--space", str(SPACES / "crf_grid.yaml"), "--smoke",
+                      "--tracking-uri", f"sqlite:///{db}"], cwd=tmp_path, timeout=900)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    probs = tmp_path / "data/smoke/probs"
+    assert read_meta(probs)["variant"] == "voc.size512" and len(saved_keys(probs)) == 4
+    client = MlflowClient(f"sqlite:///{db}")
+    experiment = client.get_experiment_by_name(f"{load_crf_grid(SPACES / 'crf_grid.yaml').name}-smoke")
+    children = [r for r in client.search_runs([experiment.experiment_id])
+                if r.data.tags.get("segdist.role") == "trial"]
+    assert len(children) == len(load_crf_grid(SPACES / "crf_grid.yaml").combinations())
+    assert all(r.info.status == "FINISHED" and 0 <= r.data.metrics["val_miou"] <= 1 for r in children)
