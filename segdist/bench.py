@@ -1203,26 +1203,26 @@ def log_to_mlflow(result: dict[str, Any], command: str, uri: str, machine: dict[
     """One run of the experiment "segdist-bench": params = machine + settings, metrics =
     the numeric figures, bench.json = the whole result. Returns the run id."""
     from mlflow.entities import Metric, Param
-    from mlflow.tracking import MlflowClient
 
-    from segdist.tracking import get_or_create_experiment
+    from segdist.tracking import client_for, get_or_create_experiment, mlflow_key
 
-    client = MlflowClient(tracking_uri=uri)
+    client = client_for(uri)  # several bench runs may open a new store at once
     experiment = get_or_create_experiment(client, BENCH_EXPERIMENT, uri)
     run = client.create_run(experiment, run_name=f"bench-{command}-{time.strftime('%Y%m%d-%H%M%S')}",
                             tags={"segdist.role": "bench", "segdist.bench.command": command})
     run_id = run.info.run_id
     now = int(time.time() * 1000)
     metrics, params = [], [Param("command", command)]
-    params += [Param(f"machine.{k}", str(v)[:6000]) for k, v in machine.items()]
-    for key, value in _flatten(result).items():
+    params += [Param(mlflow_key(f"machine.{k}"), str(v)[:6000]) for k, v in machine.items()]
+    for name, value in _flatten(result).items():
+        key = mlflow_key(name)  # keys MLflow refuses (a name with a quote or colon) get a safe one
         if isinstance(value, bool):
             params.append(Param(key, str(value)))
         elif isinstance(value, (int, float)):
             if math.isfinite(value):
                 metrics.append(Metric(key, float(value), now, 0))
         else:
-            params.append(Param(key, json.dumps(value) if not isinstance(value, str) else value[:6000]))
+            params.append(Param(key, (value if isinstance(value, str) else json.dumps(value))[:6000]))
     for i in range(0, len(params), 100):
         client.log_batch(run_id, params=params[i : i + 100])
     for i in range(0, len(metrics), 500):

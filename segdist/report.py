@@ -17,11 +17,22 @@ import re
 import sys
 from dataclasses import dataclass, field
 
+from mlflow.entities import LifecycleStage
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from segdist.errors import SegdistError, exit_on_user_error
 from segdist.stats import Summary, summarize, welch_p_value
-from segdist.tracking import PARENT_TAG, ROLE_TAG, STATUS_TAG, resolve_tracking_uri
+from segdist.tracking import (
+    PARENT_TAG,
+    ROLE_TAG,
+    STATUS_TAG,
+    client_for,
+    experiment_by_name,
+    mlflow_key,
+    quote_filter_value,
+    resolve_tracking_uri,
+)
 
 # The final epoch's evaluation with the study's settings (MSF, flip) is what seeds compare.
 HEADLINE_METRIC = "final_miou"
@@ -54,9 +65,13 @@ def config_label(params: dict[str, str]) -> str:
 
 
 def collect_rows(client: MlflowClient, experiment_id: str, parent_run_id: str, metric: str) -> list[ConfigRow]:
+    quoted = quote_filter_value(parent_run_id)
+    if quoted is None:
+        raise SegdistError(f"{parent_run_id!r} is not an MLflow run id")
     runs = client.search_runs(
-        [experiment_id], filter_string=f"tags.`{PARENT_TAG}` = '{parent_run_id}'", max_results=50000
+        [experiment_id], filter_string=f"tags.`{PARENT_TAG}` = {quoted}", max_results=50000
     )
+    metric = mlflow_key(metric)  # the key the tracker logged the metric under
     rows: dict[str, ConfigRow] = {}
     for run in runs:
         params = run.data.params
@@ -211,16 +226,30 @@ def main(argv: list[str] | None = None) -> int:
     from segdist.tracking import check_reachable
 
     check_reachable(uri)
-    client = MlflowClient(tracking_uri=uri)
-    experiment = client.get_experiment_by_name(args.experiment)
+    client = client_for(uri)
+    experiment = experiment_by_name(client, args.experiment)
     if experiment is None:
         raise SegdistError(f"no MLflow experiment named {args.experiment!r} in {uri}")
+    if experiment.lifecycle_stage == LifecycleStage.DELETED:
+        raise SegdistError(
+            f"MLflow experiment {args.experiment!r} (id {experiment.experiment_id}) in {uri} is deleted; restore "
+            f"it with `MLFLOW_TRACKING_URI={uri} mlflow experiments restore --experiment-id "
+            f"{experiment.experiment_id}` (running the study again also restores it)")
+    if args.run:
+        try:
+            run = client.get_run(args.run)
+        except MlflowException:
+            raise SegdistError(f"--run {args.run!r}: no such run in {uri}") from None
+        if run.info.experiment_id != experiment.experiment_id:
+            raise SegdistError(f"--run {args.run}: a run of experiment id {run.info.experiment_id}, "
+                               f"not of {args.experiment!r} (id {experiment.experiment_id})")
     parent = args.run or latest_study_run(client, experiment.experiment_id)
     table = study_table(client, experiment.experiment_id, parent, args.metric, args.baseline, args.format)
     print(table)
-    client.log_text(parent, table, f"report_{args.metric}.{args.format}")
+    suffix = mlflow_key(args.metric).replace("/", "_")  # --metric is the user's: one safe file name
+    client.log_text(parent, table, f"report_{suffix}.{args.format}")
     rows = collect_rows(client, experiment.experiment_id, parent, args.metric)
-    client.log_image(parent, png_image(seeds_figure(rows, args.metric)), f"seeds_{args.metric}.png")
+    client.log_image(parent, png_image(seeds_figure(rows, args.metric)), f"seeds_{suffix}.png")
     return 0
 
 

@@ -9,20 +9,25 @@ answers again; whatever is still queued at the end is saved to a file and report
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import math
 import os
+import posixpath
+import re
 import sys
 import tempfile
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections import deque
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from mlflow.entities import Metric, Param, RunTag
+from mlflow.entities import LifecycleStage, Metric, Param, RunTag, ViewType
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from ray.tune import Callback
 
@@ -34,6 +39,7 @@ TRIAL_KEY_TAG = "segdist.trial_key"  # config_id + seed: finds a trial's run aga
 STATUS_TAG = "segdist.status"  # finished | diverged | failed | stopped_early
 STUDY_TAG = "segdist.study"
 ROLE_TAG = "segdist.role"  # study | trial
+KEY_NAMES_ARTIFACT = "mlflow_key_names.json"  # MLflow key -> the name it stands for, where they differ
 # Result keys that are Tune/Ray bookkeeping, not training metrics.
 _NOT_METRICS = {"epoch", "training_iteration", "timestamp", "time_this_iter_s", "time_total_s", "pid",
                 "time_since_restore", "iterations_since_restore", "worker_started_at", "done"}
@@ -46,12 +52,47 @@ def warn(message: str) -> None:
 
 
 def resolve_tracking_uri(cli_value: str | None) -> str:
-    """--tracking-uri, else MLFLOW_TRACKING_URI, else sqlite:///<cwd>/mlflow.db (absolute,
-    so Ray processes with another working directory write to the same store)."""
+    """--tracking-uri, else MLFLOW_TRACKING_URI, else sqlite:///<cwd>/mlflow.db; a store given
+    by a relative path is made absolute here, against the working directory, so every command
+    and every Ray process (which has another working directory) uses the same store."""
     uri = cli_value or os.environ.get("MLFLOW_TRACKING_URI")
     if uri:
-        return uri
+        return absolute_store_uri(uri)
     return f"sqlite:///{Path.cwd() / DEFAULT_STORE}"
+
+
+_MLFLOW_NAMED_STORES = {"databricks", "databricks-uc", "uc"}
+
+
+def absolute_store_uri(uri: str) -> str:
+    """`sqlite:///rel.db`, `file:rel`, `rel` or `./rel` -> the same store with an absolute path
+    (relative to the working directory); absolute paths, servers and databases unchanged."""
+    if uri.startswith("sqlite:"):
+        if not uri.startswith("sqlite:///"):
+            return uri  # sqlite:// (in memory) or a form SQLAlchemy will judge itself
+        path, sep, query = uri.removeprefix("sqlite:///").partition("?")
+        if not path or path.startswith("/") or path == ":memory:":
+            return uri
+        return f"sqlite:///{os.path.abspath(path)}{sep}{query}"
+    if uri.startswith("file:"):
+        rest = uri.removeprefix("file:")
+        if rest.startswith("/"):  # file:///abs, file://host/..., file:/abs
+            return uri
+        return Path(os.path.abspath(urllib.parse.unquote(rest))).as_uri()
+    if uri in _MLFLOW_NAMED_STORES or re.match(r"^[A-Za-z][A-Za-z0-9+.-]*:", uri):
+        return uri  # http(s)://, postgresql://, databricks://profile, ...
+    return os.path.abspath(os.path.expanduser(uri))  # a bare path: a file store
+
+
+def sqlite_path(uri: str) -> Path | None:
+    """The database file of a sqlite:/// URI (absolute, resolved against the working
+    directory if the URI is relative), else None."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    path = uri.removeprefix("sqlite:///").partition("?")[0]
+    if not path or path == ":memory:":
+        return None
+    return Path(os.path.abspath(path))
 
 
 def check_reachable(uri: str, timeout_s: float = 5.0) -> None:
@@ -64,24 +105,151 @@ def check_reachable(uri: str, timeout_s: float = 5.0) -> None:
         except (urllib.error.URLError, OSError) as err:
             reason = getattr(err, "reason", err)
             raise SegdistError(f"MLflow server {uri} is unreachable: {reason}") from None
-    elif uri.startswith("sqlite:///"):
-        folder = Path(uri.removeprefix("sqlite:///")).parent
+    elif (database := sqlite_path(uri)) is not None:
+        folder = database.parent
         if not folder.is_dir() or not os.access(folder, os.W_OK):
             raise SegdistError(f"MLflow store {uri}: folder {folder} does not exist or is not writable")
+    elif is_file_store(uri):
+        from mlflow.environment_variables import MLFLOW_ALLOW_FILE_STORE
+
+        if not MLFLOW_ALLOW_FILE_STORE.get():
+            raise SegdistError(f"MLflow store {uri} is a folder (a file store), which this MLflow refuses unless "
+                               "MLFLOW_ALLOW_FILE_STORE=true; use a database, e.g. sqlite:///mlflow.db")
+
+
+def is_file_store(uri: str) -> bool:
+    return uri.startswith("file:") or not (
+        uri in _MLFLOW_NAMED_STORES or re.match(r"^[A-Za-z][A-Za-z0-9+.-]*:", uri))
+
+
+def _folder_name(name: str) -> str:
+    """A name as one path component: kept when it is one (spaces, quotes and non-ASCII are
+    fine), else (a slash, `..`, too long) a readable slug plus a hash of the name."""
+    if name not in ("", ".", "..") and "/" not in name and "\\" not in name and "\0" not in name \
+            and len(name.encode()) <= 200:
+        return name
+    slug = re.sub(r"[^\w.\- ]", "_", name).lstrip(".")[:100]
+    return f"{slug}-{hashlib.sha1(name.encode()).hexdigest()[:10]}"
 
 
 def artifact_location(uri: str, experiment: str) -> str | None:
     """Beside a local sqlite store, artifacts go to ./mlartifacts; a server decides itself."""
-    if uri.startswith("sqlite:///"):
-        return (Path(uri.removeprefix("sqlite:///")).parent / "mlartifacts" / experiment).as_uri()
+    database = sqlite_path(uri)
+    if database is not None:
+        return (database.parent / "mlartifacts" / _folder_name(experiment)).as_uri()
     return None
 
 
+def client_for(uri: str) -> MlflowClient:
+    """An MlflowClient. MLflow creates the tables of a new sqlite store when a client first
+    opens it, and two processes doing that at once fail ("table ... already exists"): here a
+    lock per database file makes the second wait for the first."""
+    database = sqlite_path(uri)
+    if database is None:
+        return MlflowClient(tracking_uri=uri)
+    try:
+        import fcntl
+
+        digest = hashlib.sha1(str(database).encode()).hexdigest()[:16]
+        lock = os.open(os.path.join(tempfile.gettempdir(), f"segdist-mlflow-{digest}.lock"),
+                       os.O_RDONLY | os.O_CREAT, 0o666)
+    except (ImportError, OSError):  # no flock here, or a lock file we may not create: no lock
+        return MlflowClient(tracking_uri=uri)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return MlflowClient(tracking_uri=uri)
+    finally:
+        os.close(lock)  # releases the lock
+
+
+def restore_if_deleted(client: MlflowClient, experiment) -> None:
+    """A study run again after its experiment was deleted (in the UI) gets it back, runs
+    included: MLflow keeps the name of a deleted experiment, so a fresh one could not have
+    the study's name. Says so in one line."""
+    if experiment.lifecycle_stage != LifecycleStage.DELETED:
+        return
+    try:
+        client.restore_experiment(experiment.experiment_id)
+    except MlflowException:
+        again = client.get_experiment(experiment.experiment_id)
+        if again.lifecycle_stage == LifecycleStage.DELETED:
+            raise
+        return  # another process restored it just now
+    print(f"segdist: MLflow experiment {experiment.name!r} (id {experiment.experiment_id}) was deleted; "
+          f"restored it, with its runs", file=sys.stderr)
+
+
+def experiment_by_name(client: MlflowClient, name: str):
+    """The experiment called `name` (active or deleted), or None. MLflow's file store looks a
+    name up with a filter it builds without quoting (`name = 'it's'` is refused): there, or
+    whenever the answer is not that name, every experiment is read and compared here."""
+    try:
+        experiment = client.get_experiment_by_name(name)
+        if experiment is None or experiment.name == name:
+            return experiment
+    except MlflowException as err:
+        if err.error_code != "INVALID_PARAMETER_VALUE":
+            raise
+    page_token = None
+    while True:
+        page = client.search_experiments(view_type=ViewType.ALL, max_results=1000, page_token=page_token)
+        for experiment in page:
+            if experiment.name == name:
+                return experiment
+        page_token = page.token
+        if not page_token:
+            return None
+
+
 def get_or_create_experiment(client: MlflowClient, name: str, uri: str) -> str:
-    experiment = client.get_experiment_by_name(name)
-    if experiment is not None:
-        return experiment.experiment_id
-    return client.create_experiment(name, artifact_location=artifact_location(uri, name))
+    """The active experiment `name`: found, restored if deleted, or created. Several
+    processes may do this at once: the one whose creation loses the race finds the winner's."""
+    for _attempt in range(5):
+        experiment = experiment_by_name(client, name)
+        if experiment is not None:
+            restore_if_deleted(client, experiment)
+            return experiment.experiment_id
+        try:
+            return client.create_experiment(name, artifact_location=artifact_location(uri, name))
+        except MlflowException as err:
+            if err.error_code == "INVALID_PARAMETER_VALUE":  # e.g. a file store and a name with '
+                reason = str(err).splitlines()[0][:200]
+                if is_file_store(uri) and "'" in name:
+                    reason = "MLflow's file store cannot look up a name with a single quote; use a database"
+                raise SegdistError(f"MLflow store {uri} refuses an experiment named {name!r}: {reason}") from None
+            if err.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+    raise SegdistError(f"MLflow experiment {name!r} in {uri} exists but cannot be found by its name")
+
+
+def quote_filter_value(value: str) -> str | None:
+    """`value` as a string literal of MLflow's filter grammar, or None when it cannot be one.
+    MLflow strips the outer quotes and undoes no escapes ('' or \\'), so a value is quoted
+    with the kind of quote it does not contain; one with both, or a backslash (which the
+    parser would read as an escape), has no literal: filter on something else and compare
+    in Python."""
+    if "\\" in value:
+        return None
+    if "'" not in value:
+        return f"'{value}'"
+    if '"' not in value:
+        return f'"{value}"'
+    return None
+
+
+_KEY_CHARACTERS = re.compile(r"^[\w.\- /]+$")  # MLflow's, less the colon (refused on Windows)
+
+
+def mlflow_key(name: str) -> str:
+    """A metric, param or tag key MLflow accepts: `name` itself when it is one, else the name
+    with every other character replaced by `_` plus a hash of the name, so that two names
+    never share a key (`a(b` and `a)b`) and the same name always gets the same key."""
+    if len(name) <= 250 and _KEY_CHARACTERS.match(name) and posixpath.normpath(name) == name \
+            and name != "." and not name.startswith(("..", "/")):
+        return name
+    safe = re.sub(r"[^\w.\- ]", "_", name)
+    safe = re.sub(r"^\.+", lambda m: "_" * len(m.group()), safe)
+    return f"{safe[:240]}-{hashlib.sha1(name.encode()).hexdigest()[:8]}"
 
 
 def redact(value: Any) -> str:
@@ -104,6 +272,17 @@ def numeric_metrics(result: dict[str, Any]) -> dict[str, float]:
     }
 
 
+class _NoRun(Exception):
+    """A write for a trial whose run MLflow refused to create."""
+
+
+def _refused(err: Exception) -> bool:
+    """A write MLflow will refuse however often it is sent (a value it finds invalid), unlike
+    an unreachable or busy store: retrying it would hold up every write queued after it."""
+    return isinstance(err, _NoRun) or (
+        isinstance(err, MlflowException) and err.error_code == "INVALID_PARAMETER_VALUE")
+
+
 class StudyTracker:
     """The study's parent run and its trials' child runs.
 
@@ -121,14 +300,15 @@ class StudyTracker:
                             ("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")):
             os.environ.setdefault(name, value)
         self.uri = uri
-        self.client = MlflowClient(tracking_uri=uri)
+        self.client = client_for(uri)
         self.experiment_id = get_or_create_experiment(self.client, experiment, uri)
         self.pending: deque[tuple[str, Callable[[], Any]]] = deque()
         self.run_ids: dict[str, str] = {}  # handle -> MLflow run id, once created
+        self.key_names: dict[str, dict[str, str]] = {}  # handle -> {MLflow key: name}, renamed keys
         self._retry_at = 0.0
         if parent_run_id is None:
             run = self.client.create_run(
-                self.experiment_id, run_name=f"{study_name}-{time.strftime('%Y%m%d-%H%M%S')}",
+                self.experiment_id, run_name=f"{study_name[:230]}-{time.strftime('%Y%m%d-%H%M%S')}",
                 tags={STUDY_TAG: study_name, ROLE_TAG: "study"},
             )
             parent_run_id = run.info.run_id
@@ -152,6 +332,12 @@ class StudyTracker:
             try:
                 operation()
             except Exception as err:  # noqa: BLE001 - any store failure: keep it for later
+                if _refused(err):
+                    if not isinstance(err, _NoRun):
+                        warn(f"MLflow refused {what}: {str(err).splitlines()[0][:300]}; left out"
+                             + (", and the writes of that run with it" if what.startswith("create run") else ""))
+                    self.pending.popleft()
+                    continue
                 if not self._retry_at:
                     warn(f"MLflow write failed ({what}): {str(err).splitlines()[0][:200]}; writes are "
                          f"queued ({len(self.pending)} now) and retried, training goes on")
@@ -183,10 +369,15 @@ class StudyTracker:
 
     # ------------------------------------------------------------------ runs
 
+    def run_id(self, handle: str) -> str:
+        if handle not in self.run_ids:
+            raise _NoRun(handle)
+        return self.run_ids[handle]
+
     def existing_trials(self) -> dict[str, Any]:
         """trial_key -> the run of this study that already holds it (for --resume)."""
         runs = self.client.search_runs(
-            [self.experiment_id], filter_string=f"tags.`{PARENT_TAG}` = '{self.parent_run_id}'",
+            [self.experiment_id], filter_string=f"tags.`{PARENT_TAG}` = {quote_filter_value(self.parent_run_id)}",
             max_results=50000,
         )
         return {run.data.tags[TRIAL_KEY_TAG]: run for run in runs if TRIAL_KEY_TAG in run.data.tags}
@@ -201,7 +392,7 @@ class StudyTracker:
         def create() -> None:
             if handle not in self.run_ids:  # a retried creation must not make a second run
                 run = self.client.create_run(
-                    self.experiment_id, run_name=name,
+                    self.experiment_id, run_name=name[:250],
                     tags={PARENT_TAG: self.parent_run_id, TRIAL_KEY_TAG: handle, ROLE_TAG: "trial"},
                 )
                 self.run_ids[handle] = run.info.run_id
@@ -210,31 +401,45 @@ class StudyTracker:
         self.log_params(handle, params)
         return handle
 
+    def _key(self, handle: str, name: str) -> str:
+        """The MLflow key for a name (class names reach metric keys: `val_iou_<class>`);
+        where they differ, the run's KEY_NAMES_ARTIFACT maps the key back to the name."""
+        key = mlflow_key(name)
+        if key != name:
+            names = self.key_names.setdefault(handle, {})
+            if names.get(key) != name:
+                names[key] = name
+                text = json.dumps(names, indent=1, sort_keys=True, ensure_ascii=False)
+                self._write(f"{KEY_NAMES_ARTIFACT} of {handle}",
+                            lambda: self.client.log_text(self.run_id(handle), text, KEY_NAMES_ARTIFACT))
+        return key
+
     def log_params(self, handle: str, params: dict[str, Any]) -> None:
-        items = [Param(key, redact(value)[:6000]) for key, value in params.items()]
+        items = [Param(self._key(handle, key), redact(value)[:6000]) for key, value in params.items()]
         for start in range(0, len(items), 100):
             chunk = items[start:start + 100]
             self._write(f"params of {handle}",
-                        lambda chunk=chunk: self.client.log_batch(self.run_ids[handle], params=chunk))
+                        lambda chunk=chunk: self.client.log_batch(self.run_id(handle), params=chunk))
 
     def log_metrics(self, handle: str, metrics: dict[str, float], step: int) -> None:
         now = int(time.time() * 1000)
-        items = [Metric(key, value, now, step) for key, value in metrics.items() if not math.isnan(value)]
+        items = [Metric(self._key(handle, key), value, now, step)
+                 for key, value in metrics.items() if not math.isnan(value)]
         for start in range(0, len(items), 500):
             chunk = items[start:start + 500]
             self._write(f"metrics step {step} of {handle}",
-                        lambda chunk=chunk: self.client.log_batch(self.run_ids[handle], metrics=chunk))
+                        lambda chunk=chunk: self.client.log_batch(self.run_id(handle), metrics=chunk))
 
     def set_tags(self, handle: str, tags: dict[str, str]) -> None:
-        items = [RunTag(key, str(value)) for key, value in tags.items()]
-        self._write(f"tags of {handle}", lambda: self.client.log_batch(self.run_ids[handle], tags=items))
+        items = [RunTag(self._key(handle, key), str(value)[:8000]) for key, value in tags.items()]
+        self._write(f"tags of {handle}", lambda: self.client.log_batch(self.run_id(handle), tags=items))
 
     def log_artifacts(self, handle: str, directory: str, artifact_path: str) -> None:
         self._write(f"{artifact_path} of {handle}",
-                    lambda: self.client.log_artifacts(self.run_ids[handle], directory, artifact_path=artifact_path))
+                    lambda: self.client.log_artifacts(self.run_id(handle), directory, artifact_path=artifact_path))
 
     def log_text(self, handle: str, text: str, name: str) -> None:
-        self._write(f"{name} of {handle}", lambda: self.client.log_text(self.run_ids[handle], text, name))
+        self._write(f"{name} of {handle}", lambda: self.client.log_text(self.run_id(handle), text, name))
 
     def log_image(self, handle: str, png: bytes, name: str) -> None:
         import io
@@ -242,10 +447,10 @@ class StudyTracker:
         from PIL import Image
 
         self._write(f"{name} of {handle}",
-                    lambda: self.client.log_image(self.run_ids[handle], Image.open(io.BytesIO(png)), name))
+                    lambda: self.client.log_image(self.run_id(handle), Image.open(io.BytesIO(png)), name))
 
     def finish(self, handle: str, status: str = "FINISHED") -> None:
-        self._write(f"end of {handle}", lambda: self.client.set_terminated(self.run_ids[handle], status=status))
+        self._write(f"end of {handle}", lambda: self.client.set_terminated(self.run_id(handle), status=status))
 
 
 def copy_best_checkpoint(candidates: list[tuple[float, str]], storage: str, into: Path) -> Path | None:

@@ -331,22 +331,37 @@ def make_searcher(scheduler, storage: str):
 
 
 def find_study_to_resume(uri: str, study: StudyConfig) -> str:
-    from mlflow.tracking import MlflowClient
+    from mlflow.entities import LifecycleStage, ViewType
 
-    from segdist.tracking import ROLE_TAG, STUDY_TAG
+    from segdist.tracking import ROLE_TAG, STUDY_TAG, client_for, experiment_by_name, quote_filter_value
 
-    client = MlflowClient(tracking_uri=uri)
-    experiment = client.get_experiment_by_name(study.name)
-    runs = [] if experiment is None else client.search_runs(
-        [experiment.experiment_id],
-        filter_string=f"tags.`{STUDY_TAG}` = '{study.name}' and tags.`{ROLE_TAG}` = 'study'",
-        order_by=["attributes.start_time DESC"], max_results=1,
-    )
-    if not runs:
-        raise SegdistError(f"--resume: no earlier run of study {study.name!r} in {uri}")
-    if runs[0].info.status == "FINISHED":
-        raise SegdistError(f"--resume: the latest run of study {study.name!r} ({runs[0].info.run_id}) already finished")
-    return runs[0].info.run_id
+    client = client_for(uri)
+    experiment = experiment_by_name(client, study.name)
+    deleted = experiment is not None and experiment.lifecycle_stage == LifecycleStage.DELETED
+    run = None
+    if experiment is not None:
+        # The study's name is the user's: it goes into the filter only where MLflow's grammar
+        # can quote it, and is compared here in any case.
+        quoted = quote_filter_value(study.name)
+        filter_string = f"tags.`{ROLE_TAG}` = 'study'" + (f" and tags.`{STUDY_TAG}` = {quoted}" if quoted else "")
+        page_token = None
+        while run is None:
+            page = client.search_runs(
+                [experiment.experiment_id], filter_string=filter_string,
+                # A deleted experiment's runs are deleted with it; the tracker restores both.
+                run_view_type=ViewType.ALL if deleted else ViewType.ACTIVE_ONLY,
+                order_by=["attributes.start_time DESC"], max_results=200, page_token=page_token,
+            )
+            run = next((r for r in page if r.data.tags.get(STUDY_TAG) == study.name), None)
+            page_token = page.token
+            if not page_token:
+                break
+    if run is None:
+        where = f" (its MLflow experiment, id {experiment.experiment_id}, is deleted)" if deleted else ""
+        raise SegdistError(f"--resume: no earlier run of study {study.name!r} in {uri}{where}")
+    if run.info.status == "FINISHED":
+        raise SegdistError(f"--resume: the latest run of study {study.name!r} ({run.info.run_id}) already finished")
+    return run.info.run_id
 
 
 def run_study(study: StudyConfig, args: argparse.Namespace, tracking_uri: str, storage_root: str):
