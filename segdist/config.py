@@ -166,7 +166,7 @@ def parse_study(raw: dict[str, Any], where: str) -> StudyConfig:
     if samples < 1:
         raise SegdistError(f"{where}: samples must be at least 1, got {samples}")
     study = StudyConfig(
-        name=str(raw.get("name") or Path(where).stem),
+        name=study_name(raw, where),
         path=where,
         protocol=protocol,
         values=values,
@@ -232,6 +232,21 @@ def smoke_study(study: StudyConfig, train_shards: str, val_shards: str) -> Study
         study, name=f"{study.name}-smoke", data=data, search=search, max_concurrent_trials=2,
         seeds=SeedPolicy(initial=(0,), max_seeds=1), screening=None, smoke=True,
     )
+
+
+def study_name(raw: dict[str, Any], where: str) -> str:
+    """A study file's `name` (default: the file's stem), which becomes the MLflow experiment
+    and a folder of the Tune storage (storage/NAME/RUN_ID, local or s3://...). Quotes,
+    spaces, parentheses and non-ASCII are fine; SegdistError for a name that cannot be one
+    folder: empty, '.', '..', one of / \\ ? # % (paths and URIs), a control character, or over 200
+    characters."""
+    name = str(raw.get("name") or Path(where).stem)
+    bad = (not name.strip() or name in (".", "..") or any(c in name for c in "/\\?#%") or len(name) > 200
+           or any(ord(c) < 32 or ord(c) == 127 for c in name))
+    if bad:
+        raise SegdistError(f"{where}: name {name!r} cannot name one storage folder (no / \\ ? # %, control "
+                           "characters, '.' or '..', at most 200 characters; quotes, spaces and non-ASCII are fine)")
+    return name
 
 
 def trial_from_dict(values: dict[str, Any]) -> TrialConfig:

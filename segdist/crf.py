@@ -362,8 +362,10 @@ def parse_crf_grid(raw: Any, where: str) -> CrfGrid:
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
             raise SegdistError(f"{where}: {key} must be an integer >= {low}, got {value!r}")
         ints[key] = value
+    from segdist.config import study_name
+
     return CrfGrid(
-        name=str(raw.get("name") or Path(where).stem),
+        name=study_name(raw, where),
         path=where,
         probabilities=str(Path(raw["probabilities"]).expanduser().resolve()),
         base=base,

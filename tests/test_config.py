@@ -152,3 +152,14 @@ def test_a_multiplier_that_restates_its_token_is_not_a_contradiction():
     (trial,) = expand_trials(study(protocol="original", model={"variant": "naked.fpn"},
                                    train={"multipliers": {"decoder": 5}}))
     assert (trial.recipe.train.multipliers.decoder.weight, trial.recipe.train.multipliers.decoder.bias) == (5, 10)
+
+
+@pytest.mark.parametrize("name", ["it's", 'say "hi"', "run (2)", "Straße 日本", "a b"])
+def test_a_study_name_with_quotes_spaces_parentheses_or_non_ascii_is_kept(name):
+    assert parse_study({"name": name}, "s.yaml").name == name
+
+
+@pytest.mark.parametrize("name", ["a/b", "..", "x\\y", "tab\there", "q?", "f#1", "50%", " ", "n" * 201])
+def test_a_study_name_that_cannot_be_one_storage_folder_is_one_error(name):
+    with pytest.raises(SegdistError, match=r"s\.yaml: name .* cannot name one storage folder"):
+        parse_study({"name": name}, "s.yaml")

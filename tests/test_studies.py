@@ -14,6 +14,7 @@ import time
 
 import pytest
 import torch
+import yaml
 
 from segdist.config import expand_configs, load_study, smoke_study
 from segdist.train import fit
@@ -292,3 +293,20 @@ def test_crf_grid_smoke_saves_probabilities_of_a_smoke_model_and_runs_the_grid(t
                 if r.data.tags.get("segdist.role") == "trial"]
     assert len(children) == len(load_crf_grid(SPACES / "crf_grid.yaml").combinations())
     assert all(r.info.status == "FINISHED" and 0 <= r.data.metrics["val_miou"] <= 1 for r in children)
+
+
+@pytest.mark.integration
+def test_a_study_with_an_awkward_name_runs_and_reports(tmp_path):
+    """Quotes, spaces, parentheses and non-ASCII in a study's name reach the MLflow
+    experiment, run names, filter strings, the Tune storage path and the report."""
+    name = "it's a \"test\" (Straße) 日本"
+    (tmp_path / "study.yaml").write_text(yaml.safe_dump({"name": name, "model": {"variant": "naked"}, "seeds": [0]},
+                                                        allow_unicode=True))
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    result = run_cli(["segdist.tune", "--space", "study.yaml", "--smoke", "--tracking-uri", uri,
+                      "--storage", str(tmp_path / "rr")], cwd=tmp_path, timeout=900)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert (tmp_path / "rr" / f"{name}-smoke").is_dir()
+    report = run_cli(["segdist.report", "--experiment", f"{name}-smoke", "--tracking-uri", uri], cwd=tmp_path)
+    assert report.returncode == 0, report.stderr
+    assert "| naked |" in report.stdout and "| 1 |" in report.stdout
