@@ -22,7 +22,8 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from segdist.errors import SegdistError, exit_on_user_error
-from segdist.stats import Summary, summarize, welch_p_value
+from segdist.outcome import FAILED, FINISHED
+from segdist.stats import HEADLINE_METRIC, Summary, summarize, welch_p_value
 from segdist.tracking import (
     PARENT_TAG,
     ROLE_TAG,
@@ -35,9 +36,7 @@ from segdist.tracking import (
 )
 
 # The final epoch's evaluation with the study's settings (MSF, flip) is what seeds compare.
-HEADLINE_METRIC = "final_miou"
 BOUNDARY_METRIC = re.compile(r"^final_(boundary|inner)(\d+)_miou$")
-NOT_FINISHED = ("failed", "diverged", "stopped_early")
 
 
 @dataclass
@@ -77,10 +76,10 @@ def collect_rows(client: MlflowClient, experiment_id: str, parent_run_id: str, m
         params = run.data.params
         config_id = params.get("config_id", run.info.run_id)
         row = rows.setdefault(config_id, ConfigRow(config_id, config_label(params), params.get("model.variant", "")))
-        status = run.data.tags.get(STATUS_TAG, "running" if run.info.status == "RUNNING" else "failed")
+        status = run.data.tags.get(STATUS_TAG, "running" if run.info.status == "RUNNING" else FAILED)
         row.restarts += int(run.data.metrics.get("worker_restarts", 0))
         value = run.data.metrics.get(metric)
-        if status == "finished" and value is not None:
+        if status == FINISHED and value is not None:
             row.values.append(value)
             row.seeds.append(int(params.get("train.seed", -1)))
             for key, extra in run.data.metrics.items():

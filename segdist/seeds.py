@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 from segdist.config import SeedPolicy, TrialConfig, trial_key, with_seed
 from segdist.stats import summarize
 
-# The decisions compare intervals of val_miou (0..1); targets are given in points (x100).
+# The decisions compare intervals of the headline metric (segdist.stats.HEADLINE_METRIC, final_miou,
+# 0..1) that the searcher records; targets are given in points (x100).
 POINTS = 100.0
 
 

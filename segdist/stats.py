@@ -9,6 +9,10 @@ from dataclasses import dataclass
 
 from scipy import stats as scipy_stats
 
+# The metric seeds are compared on (adaptive seeds, the report, a study's table): the last
+# epoch evaluated with the study's eval settings (segdist.train), mIoU in 0..1.
+HEADLINE_METRIC = "final_miou"
+
 
 @dataclass(frozen=True)
 class Summary:

@@ -32,6 +32,7 @@ from mlflow.tracking import MlflowClient
 from ray.tune import Callback
 
 from segdist.errors import SegdistError
+from segdist.outcome import trial_outcome
 
 DEFAULT_STORE = "mlflow.db"
 PARENT_TAG = "mlflow.parentRunId"
@@ -569,8 +570,7 @@ class MlflowTrialCallback(Callback):
     def on_trial_complete(self, iteration, trials, trial, **info):
         handle = self.runs[trial.trial_id]
         config = trial.config["trial"]
-        last = self.last_result.get(trial.trial_id, {})
-        completed = last.get("epoch", -1) >= config["recipe"]["train"]["epochs"] - 1
+        outcome = trial_outcome(self.last_result.get(trial.trial_id), config["recipe"]["train"]["epochs"])
         try:
             with tempfile.TemporaryDirectory() as scratch:
                 local = copy_best_checkpoint(self.checkpoints.get(trial.trial_id, []), self.storage, Path(scratch))
@@ -585,8 +585,7 @@ class MlflowTrialCallback(Callback):
         restarts = max(len(self.worker_starts.get(trial.trial_id, ())) - 1, 0)
         self.tracker.log_metrics(handle, {"trial_wall_s": elapsed, "trial_train_s": elapsed - startup,
                                           "worker_restarts": restarts}, step=0)
-        status = "finished" if completed else "stopped_early"
-        self.tracker.set_tags(handle, {STATUS_TAG: status})
+        self.tracker.set_tags(handle, {STATUS_TAG: outcome})
         self.tracker.finish(handle, "FINISHED")
 
     @never_raises
@@ -594,7 +593,7 @@ class MlflowTrialCallback(Callback):
         error = str(getattr(trial, "error_msg", "") or "")
         if not error and getattr(trial, "error_file", None) and Path(trial.error_file).exists():
             error = Path(trial.error_file).read_text()
-        status = "diverged" if "TrainingDiverged" in error else "failed"
+        status = trial_outcome(self.last_result.get(trial.trial_id), 1, error or "failed")
         handle = self.runs.get(trial.trial_id)
         if handle is not None:
             self.tracker.set_tags(handle, {STATUS_TAG: status, "segdist.error": redact(error.strip()[-500:])})

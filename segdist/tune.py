@@ -31,6 +31,7 @@ from segdist.config import (
     trial_key,
 )
 from segdist.errors import SegdistError, exit_on_user_error
+from segdist.outcome import FAILED, FINISHED, trial_outcome
 from segdist.recipe import show
 
 DEFAULT_SPACE = Path(__file__).resolve().parent.parent / "tune_spaces" / "quickstart.yaml"
@@ -148,7 +149,7 @@ def prepare_crf_smoke(grid):
     import torch
 
     from segdist.data.stream import read_dataset_info, val_loader
-    from segdist.evaluate import save_probabilities
+    from segdist.evaluation.loop import save_probabilities
     from segdist.models import build_model
     from segdist.resolve import resolve_recipe
 
@@ -306,7 +307,7 @@ def make_searcher(scheduler, storage: str):
     """Tune asks this for the next trial; it hands out the seed scheduler's trials."""
     from ray.tune.search import Searcher
 
-    from segdist.report import HEADLINE_METRIC
+    from segdist.stats import HEADLINE_METRIC
 
     class SeedSearcher(Searcher):
         def __init__(self):
@@ -324,8 +325,8 @@ def make_searcher(scheduler, storage: str):
             trial = self.live.pop(trial_id, None)
             if trial is None:
                 return
-            complete = bool(result) and not error and result.get("epoch", -1) >= trial.recipe.train.epochs - 1
-            scheduler.record(trial, result.get(HEADLINE_METRIC) if complete else None)
+            finished = trial_outcome(result, trial.recipe.train.epochs, "error" if error else None) == FINISHED
+            scheduler.record(trial, result.get(HEADLINE_METRIC) if finished else None)
 
     return SeedSearcher()
 
@@ -368,8 +369,9 @@ def run_study(study: StudyConfig, args: argparse.Namespace, tracking_uri: str, s
     import ray.tune
     from ray.tune.schedulers import ASHAScheduler
 
-    from segdist.report import HEADLINE_METRIC, collect_rows, seeds_figure, study_table
+    from segdist.report import collect_rows, seeds_figure, study_table
     from segdist.seeds import SeedScheduler
+    from segdist.stats import HEADLINE_METRIC
     from segdist.tracking import STATUS_TAG, MlflowTrialCallback, StudyTracker
 
     parent = find_study_to_resume(tracking_uri, study) if args.resume else None
@@ -378,7 +380,7 @@ def run_study(study: StudyConfig, args: argparse.Namespace, tracking_uri: str, s
     finished = {
         key: run.data.metrics[HEADLINE_METRIC]
         for key, run in existing.items()
-        if run.data.tags.get(STATUS_TAG) == "finished" and HEADLINE_METRIC in run.data.metrics
+        if run.data.tags.get(STATUS_TAG) == FINISHED and HEADLINE_METRIC in run.data.metrics
     }
     if parent is None:
         tracker.log_params("study", {
@@ -414,7 +416,7 @@ def run_study(study: StudyConfig, args: argparse.Namespace, tracking_uri: str, s
     )
     results = tuner.fit()
     # A diverged trial is a result (the table says so), not a failure of the study.
-    errors = sum(1 for result in results if result.error is not None and "TrainingDiverged" not in str(result.error))
+    errors = sum(1 for result in results if result.error is not None and trial_outcome(None, 1, result.error) == FAILED)
     decisions = scheduler.decisions()
     tracker.log_text("study", json.dumps(decisions, indent=2), "seed_decisions.json")
     table = "(no table: MLflow was unreachable at the end of the study)"
@@ -510,7 +512,7 @@ def run_crf_study(args: argparse.Namespace) -> int:
         if not failed:
             tracker.log_metrics(handle, numeric_metrics(result.metrics), step=0)
             rows.append((result.metrics["val_miou"], params))
-        tracker.set_tags(handle, {STATUS_TAG: "failed" if failed else "finished"})
+        tracker.set_tags(handle, {STATUS_TAG: FAILED if failed else FINISHED})
         tracker.finish(handle, "FAILED" if failed else "FINISHED")
     table = "\n".join(["| CRF parameters | val_miou (%) |", "|---|---|"] + [
         f"| {' '.join(f'{k}={v:g}' for k, v in p.items())} | {100 * miou:.2f} |"
