@@ -120,9 +120,9 @@ class TrainRecipe:
 class EvalRecipe:
     """The final evaluation (every epoch also gets a whole-image val_miou)."""
 
-    scales: tuple[float, ...]
-    flip: bool
-    tile: tuple[int, int] | None  # sliding-window tile (1/3 overlap, mean padding); None: whole image
+    scales: tuple[float, ...]  # image scales whose softmax maps are averaged (segdist.msf)
+    flip: bool  # also each scale mirrored left-right
+    tile: tuple[int, int] | None  # sliding-window tile at every scale (1/3 overlap, mean padding); None: whole image
     boundary_kernels: tuple[int, ...]
 
 
