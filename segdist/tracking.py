@@ -507,11 +507,13 @@ class MlflowTrialCallback(Callback):
         name = f"{config['recipe']['model']['variant']}-{config['config_id']}-seed{config['seed']}"
         run_id = previous.info.run_id if previous is not None else None
         self.runs[trial.trial_id] = self.tracker.start_trial(name, key, config["flat"], run_id=run_id)
+        # Before the lookup below, which fails while the store is away: without them the
+        # trial's later hooks would fail too, and its run never get its status or end.
+        self.started_at[trial.trial_id] = time.time()
         if previous is not None:
+            self.reopened.add(trial.trial_id)
             steps = [m.step for m in self.tracker.client.get_metric_history(run_id, "val_miou")]
             self.last_epoch[trial.trial_id] = max(steps, default=-1)
-            self.reopened.add(trial.trial_id)
-        self.started_at[trial.trial_id] = time.time()
 
     @never_raises
     def on_trial_result(self, iteration, trials, trial, result, **info):
