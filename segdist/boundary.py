@@ -11,6 +11,8 @@ Two confusion matrices per K (boundary, inner); they add up to the full matrix.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 
@@ -55,15 +57,22 @@ def boundary_mask(target: torch.Tensor, kernel: int) -> torch.Tensor:
 
 
 def boundary_confusions(
-    pred: torch.Tensor, target: torch.Tensor, num_classes: int, kernels=DEFAULT_KERNELS
+    pred: torch.Tensor,
+    target: torch.Tensor,
+    num_classes: int,
+    kernels=DEFAULT_KERNELS,
+    matrix: Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor] = confusion_matrix,
 ) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
-    """{K: (boundary confusion, inner confusion)} for one batch of predictions."""
+    """{K: (boundary confusion, inner confusion)} for one prediction or a batch: pred and
+    target of one shape ([H, W] or [N, H, W]), the boundary taken from `target`. `matrix`
+    counts each part: segdist.metrics.confusion_matrix ([C, C]) or confusion_matrix_with_void
+    ([C, C+1]); its ValueErrors pass through."""
     out = {}
     for k in kernels:
         mask = boundary_mask(target, k)
         out[int(k)] = (
-            confusion_matrix(pred[mask], target[mask], num_classes),
-            confusion_matrix(pred[~mask], target[~mask], num_classes),
+            matrix(pred[mask], target[mask], num_classes),
+            matrix(pred[~mask], target[~mask], num_classes),
         )
     return out
 

@@ -22,7 +22,7 @@ its parameters can be searched without re-running the network:
     folder/<key>.label.png    the ground truth, uint8 class indices (255 = ignore)
 
 written by `python -m segdist.evaluate --checkpoint ... --save-probs FOLDER` (or
-`segdist.evaluate.save_probabilities`), scored by `score_saved`, and searched as a Ray Tune
+`segdist.evaluation.loop.save_probabilities`), scored by `score_saved`, and searched as a Ray Tune
 study by `crf_grid_trial` with the study file format of `load_crf_grid`
 (tune_spaces/crf_grid.yaml).
 """

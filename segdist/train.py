@@ -2,9 +2,11 @@
 (segdist.optim), an all-reduced validation confusion matrix every epoch, the recipe's final
 evaluation, checkpoints and a NaN guard.
 
-`fit` knows nothing about Ray: it takes a rank, a world size and a `report` function, so
-the same loop runs under Ray Train (`ray_train_loop`), the benchmark's torch.distributed
-runner and tests.
+`fit` knows nothing about Ray: it takes a rank, a world size and a `report` function. Ray
+Train runs it (`ray_train_loop`, started by segdist.tune), and so do the tests. The benchmark
+(segdist.bench) does not run `fit`: it builds the same set-up (`training_setup`, and
+`epoch_loader` for the data) and times `train_one_epoch` over a fixed number of steps,
+without evaluation or checkpoints.
 """
 
 from __future__ import annotations
@@ -28,9 +30,11 @@ from torch.nn.parallel import DistributedDataParallel
 from segdist.config import TrialConfig, trial_from_dict
 from segdist.data.batch import model_inputs, model_targets
 from segdist.data.classes import IGNORE_INDEX
-from segdist.data.stream import read_dataset_info, train_loader, val_loader
+from segdist.data.stream import DatasetInfo, StreamLoader, read_dataset_info, train_loader, val_loader
 from segdist.data.transforms import RESIZE_BACKEND, TrainTransform
-from segdist.evaluate import all_reduce_result, evaluate_distributed, flat_metrics, summarize
+from segdist.evaluation.loop import evaluate_split
+from segdist.evaluation.results import all_reduce_result, flat_metrics, summarize
+from segdist.evaluation.sinks import ExampleCollector
 from segdist.models import build_model, describe_model
 from segdist.optim import apply_gradient_rules, lr_factor, lr_schedule, make_optimizer, weight_decay_at
 from segdist.recipe import EvalRecipe, TrainRecipe
@@ -190,16 +194,16 @@ def run_evaluation(model, loader, classes, options: StepOptions, evaluation: Eva
     # Whole validation images come in many sizes: cuDNN's autotuning (on for the fixed-size
     # training crops) would search again for every new size.
     benchmark, torch.backends.cudnn.benchmark = torch.backends.cudnn.benchmark, False
+    pictures = ExampleCollector(examples)
     try:
-        result = evaluate_distributed(
-            model, loader, len(classes), options.device, examples=examples,
+        result = evaluate_split(
+            model, loader, len(classes), options.device, sink=pictures,
             amp_dtype=torch.bfloat16 if options.bf16 else None, channels_last=options.channels_last, **kwargs,
         )
     finally:
         torch.backends.cudnn.benchmark = benchmark
-    examples_of_this_rank = result.examples
     result = all_reduce_result(result)
-    return summarize(result, classes), result.confusion.cpu(), examples_of_this_rank
+    return summarize(result, classes), result.confusion.cpu(), pictures.examples
 
 
 def evaluation_pictures(confusion, examples, classes) -> dict[str, bytes]:
@@ -229,12 +233,14 @@ class Setup:
 
 
 def training_setup(trial: TrialConfig, num_classes: int, num_samples: int, *, rank: int, world_size: int,
-                   device: torch.device) -> Setup:
-    """Model, optimizer, schedule and step options of `trial`'s recipe on this rank."""
+                   device: torch.device, describe: bool = True) -> Setup:
+    """Model, optimizer, schedule and step options of `trial`'s recipe on this rank.
+    `describe`: count the model's parameters and FLOPs for the record on rank 0 (a pass on a
+    meta-device copy: seconds for a ResNet-101; the benchmark's fixed-batch runs skip it)."""
     recipe = trial.recipe
     model = build_model(recipe.model, num_classes).to(device)
     facts: dict[str, Any] = {}
-    if rank == 0:
+    if rank == 0 and describe:
         facts = describe_model(model, num_classes, input_size=recipe.train.crop_size)
     facts["output_stride"] = model.output_stride
     facts["resize_backend"] = RESIZE_BACKEND  # how crops are resampled: part of what a seed means
@@ -259,6 +265,21 @@ def training_setup(trial: TrialConfig, num_classes: int, num_samples: int, *, ra
     steps = recipe.steps_per_epoch(num_samples, world_size)
     optimizer = make_optimizer(model, recipe.train)
     return Setup(model, net, optimizer, lr_schedule(optimizer, recipe.train, steps), options, steps, facts)
+
+
+def epoch_loader(trial: TrialConfig, info: DatasetInfo, run: Setup, epoch: int, *, rank: int, world_size: int,
+                 batches: int | None = None) -> StreamLoader:
+    """Epoch `epoch`'s training batches of `trial` on this rank for `run` (training_setup):
+    the recipe's transform (with the edge map when the model takes one), batch size and
+    bad-sample rule; the trial's seed, loader workers and shuffle buffer; `batches` of them
+    (default: the set-up's steps per epoch)."""
+    train = trial.recipe.train
+    return train_loader(
+        info, transform=TrainTransform.from_recipe(train, info.num_classes, run.options.needs_edges),
+        batch_size=train.batch_size, batches_per_epoch=run.steps_per_epoch if batches is None else batches,
+        seed=trial.seed, epoch=epoch, rank=rank, world_size=world_size, loader_workers=trial.data.loader_workers,
+        shuffle_buffer=trial.data.shuffle_buffer, on_bad_sample=train.on_bad_sample,
+    )
 
 
 def _evaluate(run: Setup, validation, classes, evaluation: EvalRecipe, last_epoch: bool, rank: int):
@@ -324,15 +345,9 @@ def fit(
         val_info, rank=rank, world_size=world_size, loader_workers=trial.data.loader_workers,
         edges=run.options.needs_edges, on_bad_sample=train.on_bad_sample,
     )
-    transform = TrainTransform.from_recipe(train, len(classes), run.options.needs_edges)
     for epoch in range(start_epoch, train.epochs):
         epoch_start = time.time()
-        loader = train_loader(
-            train_info, transform=transform, batch_size=train.batch_size, batches_per_epoch=run.steps_per_epoch,
-            seed=trial.seed, epoch=epoch, rank=rank, world_size=world_size,
-            loader_workers=trial.data.loader_workers, shuffle_buffer=trial.data.shuffle_buffer,
-            on_bad_sample=train.on_bad_sample,
-        )
+        loader = epoch_loader(trial, train_info, run, epoch, rank=rank, world_size=world_size)
         stats = train_one_epoch(run.net, loader, run.optimizer, run.scheduler, run.options, epoch)
         train_time = time.time() - epoch_start
         scores, pictures = _evaluate(run, validation, classes, recipe.eval, epoch == train.epochs - 1, rank)

@@ -16,7 +16,8 @@ from segdist.data.classes import (
     cityscapes_train_id_lut,
     voc_palette,
 )
-from segdist.evaluate import main, score_folders, write_prediction_png
+from segdist.evaluate import main
+from segdist.evaluation.folders import score_folders, write_prediction_png
 from segdist.metrics import confusion_matrix, confusion_matrix_with_void, scores
 
 
