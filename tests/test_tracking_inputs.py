@@ -97,7 +97,7 @@ def test_a_relative_sqlite_store_gets_its_experiment_and_artifacts_in_the_workin
 
 
 def test_bench_logs_to_a_relative_store_in_the_working_directory(tmp_path, monkeypatch, capsys):
-    from segdist.bench import BENCH_EXPERIMENT, log_to_mlflow
+    from segdist.bench.record import BENCH_EXPERIMENT, log_to_mlflow
 
     monkeypatch.chdir(tmp_path)
     uri = resolve_tracking_uri("sqlite:///bench.db")

@@ -1,6 +1,6 @@
 import json
 
-from segdist.bench import main
+from segdist.bench.__main__ import main
 
 
 def test_bench_data_measures(tmp_path, capsys):

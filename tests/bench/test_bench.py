@@ -8,8 +8,11 @@ import pytest
 import torch
 from PIL import Image
 
-from segdist import bench
-from segdist.bench import TimedLoader, gpu_peak, main, targets, utilisation
+from segdist.bench import machine, runners
+from segdist.bench import train as bench_train
+from segdist.bench.__main__ import main, targets
+from segdist.bench.common import TimedLoader, quickstart_trial, train_flops_per_image
+from segdist.bench.gpu import gpu_peak, measure_mode, utilisation
 
 
 def test_utilisation_is_achieved_flops_over_peak():
@@ -60,9 +63,9 @@ def test_timed_loader_records_every_batch():
 def test_training_flops_are_forward_plus_backward():
     from segdist.models import build_model, describe_model
 
-    trial = bench.quickstart_trial()
+    trial = quickstart_trial()
     model = build_model(dataclasses.replace(trial.recipe.model, width=4), 5)
-    total = bench.train_flops_per_image(model, 48, 5)
+    total = train_flops_per_image(model, 48, 5)
     forward = describe_model(model, 5, 48)["gflops"] * 1e9
     # backward = grad input + grad weight (~2x forward), less the first conv's grad input
     assert 2.5 * forward < total <= 3.05 * forward
@@ -103,7 +106,7 @@ def test_train_section_tiny(tmp_path, capsys):
 
 def test_plain_distributed_runner_two_processes(tiny_shards):
     train, _val = tiny_shards
-    trial = bench.quickstart_trial(str(train))
+    trial = quickstart_trial(str(train))
     recipe = dataclasses.replace(
         trial.recipe,
         model=dataclasses.replace(trial.recipe.model, width=4),
@@ -111,24 +114,64 @@ def test_plain_distributed_runner_two_processes(tiny_shards):
     )
     trial = dataclasses.replace(trial, recipe=recipe, data=dataclasses.replace(trial.data, loader_workers=0))
     spec = {"trial": dataclasses.asdict(trial), "steps": 4, "warmup": 1, "threads": 1}
-    result = bench.run_plain(spec, 2)
+    result = runners.run_plain(spec, 2)
     assert result["timed_steps"] == 3
     assert result["img_per_s"] > 0 and result["startup_s"] > 0
     assert 0 <= result["data_wait_fraction"] < 1
 
 
+def test_the_bench_loop_trains_with_the_set_up_fit_makes(tiny_shards, monkeypatch):
+    """The ray and scale loop builds its step and data as fit does (training_setup,
+    epoch_loader): the recipe's L2 term and NaN rule reach the step, its bad-sample rule and
+    the trial's shuffle buffer the loader."""
+    import segdist.train
+
+    seen: dict = {}
+    train_loader, train_one_epoch = segdist.train.train_loader, segdist.train.train_one_epoch
+
+    def loader_spy(info, **kwargs):
+        seen["loader"] = kwargs
+        return train_loader(info, **kwargs)
+
+    def step_spy(model, loader, optimizer, scheduler, options, epoch):
+        seen["options"] = options
+        return train_one_epoch(model, loader, optimizer, scheduler, options, epoch)
+
+    monkeypatch.setattr(segdist.train, "train_loader", loader_spy)
+    monkeypatch.setattr(segdist.train, "train_one_epoch", step_spy)
+    train, _val = tiny_shards
+    trial = quickstart_trial(str(train))
+    recipe = dataclasses.replace(
+        trial.recipe,
+        model=dataclasses.replace(trial.recipe.model, width=4),
+        train=dataclasses.replace(trial.recipe.train, batch_size=2, crop_size=(32, 32), on_nan="skip",
+                                  on_bad_sample="skip"),
+    )
+    trial = dataclasses.replace(trial, recipe=recipe,
+                                data=dataclasses.replace(trial.data, loader_workers=0, shuffle_buffer=7))
+    spec = {"trial": dataclasses.asdict(trial), "steps": 2, "warmup": 0, "threads": 1}
+    threads = torch.get_num_threads()
+    try:
+        assert runners.dist_loop(spec, 0, 1)["timed_steps"] == 2
+    finally:
+        torch.set_num_threads(threads)
+    options = seen["options"]
+    assert options.train == trial.recipe.train and options.train.weight_decay > 0 and options.skip_nan_steps
+    assert seen["loader"]["on_bad_sample"] == "skip" and seen["loader"]["shuffle_buffer"] == 7
+    assert seen["loader"]["batches_per_epoch"] == 2 and seen["loader"]["seed"] == trial.seed
+
+
 @pytest.mark.parametrize("mode", ["fp32", "bf16_channels_last"])
 def test_gpu_mode_measurement_runs_on_any_device(mode):
-    from segdist.models import build_model
-
-    trial = bench.quickstart_trial()
-    model = build_model(dataclasses.replace(trial.recipe.model, width=4), 3)
-    out = bench.measure_mode(model, trial, mode, 32, 2, steps=2, warmup=1, classes=3, device=torch.device("cpu"))
-    assert out["img_per_s"] > 0
+    trial = quickstart_trial()
+    trial = dataclasses.replace(trial, recipe=dataclasses.replace(
+        trial.recipe, model=dataclasses.replace(trial.recipe.model, width=4)))
+    out = measure_mode(trial, mode, 32, 2, steps=2, warmup=1, classes=3, device=torch.device("cpu"))
+    assert out["img_per_s"] > 0 and out["tf32"] is False
 
 
 def test_matmul_roofline_takes_both_ways():
-    ways = bench.matmul_gflops("fp32", 64, 0.01)
+    ways = bench_train.matmul_gflops("fp32", 64, 0.01)
     assert set(ways) == {"mm", "conv1x1"} and min(ways.values()) > 0
 
 
@@ -197,6 +240,6 @@ def test_fast_resize_matches_the_pillow_reference():
 
 
 def test_load_note_only_when_the_machine_was_busy(monkeypatch):
-    monkeypatch.setattr(bench.os, "cpu_count", lambda: 2)
-    assert bench.load_note(1.9) is None and bench.load_note(None) is None
-    assert "busy" in bench.load_note(6.0)
+    monkeypatch.setattr(machine.os, "cpu_count", lambda: 2)
+    assert machine.load_note(1.9) is None and machine.load_note(None) is None
+    assert "busy" in machine.load_note(6.0)
