@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
@@ -32,6 +31,7 @@ from segdist.data.batch import model_inputs, model_targets
 from segdist.data.classes import IGNORE_INDEX
 from segdist.data.stream import DatasetInfo, StreamLoader, read_dataset_info, train_loader, val_loader
 from segdist.data.transforms import RESIZE_BACKEND, TrainTransform
+from segdist.distributed import all_reduce_mean, all_reduce_sum, any_rank, host_group
 from segdist.evaluation.loop import evaluate_split
 from segdist.evaluation.results import all_reduce_result, flat_metrics, summarize
 from segdist.evaluation.sinks import ExampleCollector
@@ -74,24 +74,6 @@ def has_labelled_pixels(targets: torch.Tensor) -> bool:
     if targets.dtype == torch.uint8:
         return bool((targets != IGNORE_INDEX).any())
     return bool((targets > 0).any())
-
-
-def host_group():
-    """A process group for host-side flags: the default group when it is gloo, else a new gloo
-    group (every rank must call this together, as it creates a group), so that agreeing on a
-    flag never waits for the device. None when not distributed."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return None
-    return dist.group.WORLD if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
-
-
-def any_rank(flag: bool, group) -> bool:
-    """`flag` or-ed over the ranks of `group` (None: this process only)."""
-    if group is None:
-        return flag
-    tensor = torch.tensor([int(flag)], dtype=torch.int32)
-    dist.all_reduce(tensor, op=dist.ReduceOp.MAX, group=group)
-    return bool(tensor.item())
 
 
 def resolve_precision(train: TrainRecipe, device: torch.device) -> tuple[bool, bool]:
@@ -211,12 +193,6 @@ def evaluation_pictures(confusion, examples, classes) -> dict[str, bytes]:
     if examples:
         pictures["overlays.png"] = overlays_png(examples, classes)
     return pictures
-
-
-def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
-    return tensor
 
 
 @dataclass
@@ -375,12 +351,6 @@ def fit(
         history.append({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
         state = _checkpoint(run, trial, epoch, classes, metrics, history, pictures) if rank == 0 else None
         report(metrics, state)
-
-
-def all_reduce_mean(value: float, device) -> float:
-    tensor = all_reduce_sum(torch.tensor(value, dtype=torch.float64, device=device))
-    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-    return float(tensor) / world
 
 
 def ray_train_loop(config: dict[str, Any]) -> None:

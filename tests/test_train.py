@@ -227,7 +227,8 @@ def _void_steps_on_two_ranks(rank, store, out):
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
 
-    from segdist.train import StepOptions, host_group, train_one_epoch
+    from segdist.distributed import host_group
+    from segdist.train import StepOptions, train_one_epoch
 
     # A file store: no rank hosts a server the other could lose while shutting down.
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)

@@ -19,7 +19,8 @@ import torch
 from segdist.boundary import check_kernels
 from segdist.crf import write_meta
 from segdist.data.classes import IMAGENET_MEAN, IMAGENET_STD
-from segdist.evaluation.results import Accumulator, EvalResult, rank_and_world_size
+from segdist.distributed import rank_and_world_size
+from segdist.evaluation.results import Accumulator, EvalResult
 from segdist.evaluation.sinks import PredictionSink, ProbabilityWriter, Sample, Sinks
 from segdist.msf import MultiScaleInference
 from segdist.recipe import NAMED_SCALES

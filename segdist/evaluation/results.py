@@ -15,9 +15,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.distributed as dist
 
 from segdist.boundary import boundary_confusions, boundary_scores
+from segdist.distributed import all_reduce_sum, rank_and_world_size
 from segdist.metrics import confusion_matrix, confusion_matrix_with_void, scores
 
 
@@ -96,21 +96,12 @@ class Accumulator:
         return EvalResult(self.confusion, self.boundary, None, self.count)
 
 
-def rank_and_world_size() -> tuple[int, int]:
-    """(rank, world size) of the default process group; (0, 1) without one."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
 def all_reduce_result(result: EvalResult) -> EvalResult:
     """Sum the matrices over all DDP ranks with one all-reduce (no-op without a process
     group). Every rank must call it with the same scales/boundary/CRF settings."""
     if rank_and_world_size()[1] == 1:
         return result
-    flat = result.flat()
-    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
-    return result.with_flat(flat)
+    return result.with_flat(all_reduce_sum(result.flat()))
 
 
 def _named(result: dict, classes: Sequence[str]) -> dict:
