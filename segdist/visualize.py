@@ -1,18 +1,15 @@
 """Pictures of an evaluation: the confusion matrix and image | ground truth | prediction
-overlays, as matplotlib figures or PNG bytes (Agg backend, no display needed), and one call
-that logs them to an MLflow run.
+overlays, as matplotlib figures or PNG bytes (Agg backend, no display needed). Training
+saves them beside its checkpoint; the MLflow callback logs them (segdist.tracking).
 
     png = confusion_matrix_png(confusion, classes)
     png = overlays_png(examples, classes)          # examples: [(key, rgb, gt, pred), ...]
-    log_evaluation_pictures(client, run_id, confusion, classes, examples)
 """
 
 from __future__ import annotations
 
 import io
-import tempfile
 from collections.abc import Sequence
-from pathlib import Path
 
 import matplotlib
 
@@ -118,27 +115,3 @@ def overlays_figure(examples: Sequence[Example], classes: Sequence[str]) -> Figu
 
 def overlays_png(examples: Sequence[Example], classes: Sequence[str]) -> bytes:
     return figure_png(overlays_figure(examples, classes))
-
-
-def log_evaluation_pictures(
-    client,
-    run_id: str,
-    confusion,
-    classes: Sequence[str],
-    examples: Sequence[Example] = (),
-    *,
-    artifact_path: str = "evaluation",
-    tag: str = "",
-) -> list[str]:
-    """Log confusion_matrix{tag}.png and (when examples are given) overlays{tag}.png to the
-    MLflow run (an mlflow.MlflowClient) under `artifact_path`; returns the artifact names.
-    `tag` tells epochs apart, e.g. "_epoch3"."""
-    files = {f"confusion_matrix{tag}.png": confusion_matrix_png(confusion, classes)}
-    if examples:
-        files[f"overlays{tag}.png"] = overlays_png(examples, classes)
-    with tempfile.TemporaryDirectory() as directory:
-        for name, data in files.items():
-            path = Path(directory) / name
-            path.write_bytes(data)
-            client.log_artifact(run_id, str(path), artifact_path=artifact_path)
-    return [f"{artifact_path}/{name}" for name in files]
