@@ -144,16 +144,15 @@ def artifact_location(uri: str, experiment: str) -> str | None:
 def client_for(uri: str) -> MlflowClient:
     """An MlflowClient. MLflow creates the tables of a new sqlite store when a client first
     opens it, and two processes doing that at once fail ("table ... already exists"): here a
-    lock per database file makes the second wait for the first."""
+    lock file beside the database (DB.lock, where sqlite keeps its journal too) makes the
+    second wait for the first."""
     database = sqlite_path(uri)
     if database is None:
         return MlflowClient(tracking_uri=uri)
     try:
         import fcntl
 
-        digest = hashlib.sha1(str(database).encode()).hexdigest()[:16]
-        lock = os.open(os.path.join(tempfile.gettempdir(), f"segdist-mlflow-{digest}.lock"),
-                       os.O_RDONLY | os.O_CREAT, 0o666)
+        lock = os.open(f"{database}.lock", os.O_RDONLY | os.O_CREAT, 0o666)
     except (ImportError, OSError):  # no flock here, or a lock file we may not create: no lock
         return MlflowClient(tracking_uri=uri)
     try:
