@@ -555,6 +555,15 @@ def _run_jobs(jobs: list[tuple], workers: int, on_part: Callable[[dict], None]) 
         pool.join()
 
 
+def _plan(source: Source, out_dir, prefix: str | None, dataset: str, classes: Sequence[str], downscale: float,
+          shard_size: int) -> tuple[Path, str, dict, list[list[str]], list[str]]:
+    """(out folder, prefix, settings, keys per shard, shard names) of a build from `source`."""
+    out = Path(out_dir)
+    prefix = prefix or out.name
+    chunks, names = _chunks(_source_keys(source), shard_size, prefix)
+    return out, prefix, _settings(dataset, classes, downscale, shard_size), chunks, names
+
+
 def build_from_source(
     source: Source,
     out_dir: str | os.PathLike,
@@ -577,13 +586,9 @@ def build_from_source(
     result.changed when only the files differ). progress(done, total) is called after
     every shard. SegdistError for a source without files(), no keys or a key listed twice.
     """
-    out = Path(out_dir)
-    prefix = prefix or out.name
     _check_common(classes, shard_size, downscale, on_bad)
-    keys = _source_keys(source)
-    settings = _settings(dataset, classes, downscale, shard_size)
+    out, prefix, settings, chunks, names = _plan(source, out_dir, prefix, dataset, classes, downscale, shard_size)
     _prepare_out_dir(out, prefix)
-    chunks, names = _chunks(keys, shard_size, prefix)
     parts: dict[str, dict] = {}
     jobs = []
     changed = 0
@@ -627,11 +632,7 @@ def shards_up_to_date(
     these arguments that would keep every shard: same shard names, keys and settings, and
     every source file's size and st_mtime_ns as recorded. Stats the files, reads no sample
     and writes nothing. SegdistError as in build_from_source for a bad source."""
-    out = Path(out_dir)
-    prefix = prefix or out.name
-    keys = _source_keys(source)
-    settings = _settings(dataset, classes, downscale, shard_size)
-    chunks, names = _chunks(keys, shard_size, prefix)
+    out, _, settings, chunks, names = _plan(source, out_dir, prefix, dataset, classes, downscale, shard_size)
     try:
         info = json.loads((out / DATASET_JSON).read_text())
     except (OSError, ValueError):
