@@ -256,8 +256,8 @@ def check_norm_inputs(recipe: Recipe, here: str) -> None:
     """Refuse a recipe whose training would give a BatchNorm one value per channel (PyTorch
     raises "Expected more than 1 value per channel when training" at the first step): a batch
     of one image per norm (batch_size per worker, times the workers under norm "sync") whose
-    smallest feature map is 1x1 for the crop (the deepest map, crop / output stride, rounded
-    up, for every decoder segdist has). Only a batch of one needs the model's shapes."""
+    smallest feature map is 1x1 for the crop, as the recipe's model run on the meta device
+    finds it (smallest_norm_input). Only a batch of one needs the model's shapes."""
     from segdist.models.factory import smallest_norm_input
 
     m, t = recipe.model, recipe.train
