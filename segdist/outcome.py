@@ -14,7 +14,6 @@ from __future__ import annotations
 from typing import Any
 
 FINISHED, STOPPED_EARLY, DIVERGED, FAILED = "finished", "stopped_early", "diverged", "failed"
-NOT_FINISHED = (FAILED, DIVERGED, STOPPED_EARLY)
 
 
 def trial_outcome(last_result: dict[str, Any] | None, epochs: int, error: object = None) -> str:

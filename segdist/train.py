@@ -115,8 +115,9 @@ def train_one_epoch(model, loader, optimizer, scheduler, options: StepOptions, e
     A step whose crops have no labelled pixel on any rank (all void: small crops at image
     borders, trimap bands, Cityscapes) is skipped and counted in `void_steps`: no forward
     pass, no update, no weight decay; the schedule still advances, as it counts iterations.
-    A rank that is all void while others are not contributes zero gradients (its loss is 0),
-    as a tower of the original did."""
+    A rank that is all void while others are not contributes zero gradients (its loss is 0)
+    to DDP's average, each rank's loss being the mean over its own labelled pixels. (The
+    original's loss was 0/0 = NaN for an all-void tower; this is segdist's fix.)"""
     model.train()
     device = options.device
     running = torch.zeros((), device=device)
