@@ -45,6 +45,7 @@ import numpy as np
 from PIL import Image
 
 from segdist.data.classes import IGNORE_INDEX
+from segdist.epoch_report import EpochReport
 from segdist.errors import SegdistError
 
 PROBS_FORMAT = 1
@@ -390,14 +391,12 @@ def crf_grid_param_space(grid: CrfGrid) -> dict[str, Any]:
     return space
 
 
-def crf_grid_trial(config: dict[str, Any], report: Callable[[dict], None] | None = None) -> dict[str, Any]:
-    """Ray Tune function trainable: score one CRF parameter set over a saved-probabilities
-    folder and report {"val_miou", "val_pixel_acc", "val_mean_acc", "val_iou_<class>",
-    "num_images", + the CRF parameters} once with ray.tune.report.
+def crf_grid_metrics(config: dict[str, Any]) -> dict[str, float]:
+    """Score one CRF parameter set over a saved-probabilities folder: {"val_miou",
+    "val_pixel_acc", "val_mean_acc" (fractions), "val_iou_<class>", "num_images"}.
 
     config: {"probabilities": folder, "workers": n, "limit": n, + CrfParams fields}
-    (what `crf_grid_param_space` produces). `report` replaces ray.tune.report (tests).
-    Returns the reported dict.
+    (what `crf_grid_param_space` produces).
     """
     import torch
 
@@ -411,20 +410,26 @@ def crf_grid_trial(config: dict[str, Any], report: Callable[[dict], None] | None
     num_images = min(limit, num_images) if limit > 0 else num_images
     confusion = score_saved(folder, params, workers=int(config.get("workers", 1)), limit=limit)
     result = scores(torch.from_numpy(confusion))
-    metrics: dict[str, Any] = {
+    metrics: dict[str, float] = {
         "val_miou": result["miou"],
         "val_pixel_acc": result["pixel_acc"],
         "val_mean_acc": result["mean_acc"],
         **{f"val_iou_{name}": iou for name, iou in zip(meta["classes"], result["per_class_iou"], strict=True)},
         "num_images": num_images,
-        **{f"crf_{k}": v for k, v in dataclasses.asdict(params).items()},
     }
+    return metrics
+
+
+def crf_grid_trial(config: dict[str, Any], report: Callable[[dict], None] | None = None) -> None:
+    """Ray Tune function trainable: crf_grid_metrics(config) reported once, with
+    ray.tune.report, as an EpochReport of epoch 0 (the CRF parameters are the trial's config).
+    It returns nothing: Tune would take a returned dict for a second result. `report` replaces
+    ray.tune.report (tests): it gets the Tune result (EpochReport.result())."""
     if report is None:
         import ray.tune
 
         report = ray.tune.report
-    report(metrics)
-    return metrics
+    report(EpochReport(0, crf_grid_metrics(config)).result())
 
 
 def run_crf_grid(grid: CrfGrid, *, storage_path: str | None = None, callbacks: Iterable = ()):

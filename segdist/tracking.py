@@ -31,6 +31,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from ray.tune import Callback
 
+from segdist.epoch_report import EpochReport, Fact
 from segdist.errors import SegdistError
 from segdist.outcome import trial_outcome
 
@@ -41,9 +42,6 @@ STATUS_TAG = "segdist.status"  # finished | diverged | failed | stopped_early
 STUDY_TAG = "segdist.study"
 ROLE_TAG = "segdist.role"  # study | trial
 KEY_NAMES_ARTIFACT = "mlflow_key_names.json"  # MLflow key -> the name it stands for, where they differ
-# Result keys that are Tune/Ray bookkeeping, not training metrics.
-_NOT_METRICS = {"epoch", "training_iteration", "timestamp", "time_this_iter_s", "time_total_s", "pid",
-                "time_since_restore", "iterations_since_restore", "worker_started_at", "done"}
 # Environment variables whose values must never reach MLflow (tokens, keys, passwords).
 _SECRET_WORDS = ("TOKEN", "SECRET", "PASSWORD", "KEY", "CREDENTIAL")
 
@@ -261,17 +259,6 @@ def redact(value: Any) -> str:
     return text
 
 
-def numeric_metrics(result: dict[str, Any]) -> dict[str, float]:
-    return {
-        key: float(value)
-        for key, value in result.items()
-        if key not in _NOT_METRICS
-        and isinstance(value, (int, float))
-        and not isinstance(value, bool)
-        and not key.startswith("model_")
-    }
-
-
 class _NoRun(Exception):
     """A write for a trial whose run MLflow refused to create."""
 
@@ -423,7 +410,7 @@ class StudyTracker:
 
     def log_metrics(self, handle: str, metrics: dict[str, float], step: int) -> None:
         now = int(time.time() * 1000)
-        items = [Metric(self._key(handle, key), value, now, step)
+        items = [Metric(self._key(handle, key), float(value), now, step)
                  for key, value in metrics.items() if not math.isnan(value)]
         for start in range(0, len(items), 500):
             chunk = items[start:start + 500]
@@ -481,6 +468,11 @@ def never_raises(hook):
     return wrapper
 
 
+def model_params(facts: dict[str, Fact]) -> dict[str, Fact]:
+    """Model facts (train.model_facts, EpochReport.facts) as MLflow params: model_<name>."""
+    return {f"model_{name}": value for name, value in facts.items()}
+
+
 class MlflowTrialCallback(Callback):
     """Tune callback in the driver: a child run per trial, every epoch's metrics exactly
     once, the best checkpoint as an artifact, and the trial's final status."""
@@ -505,7 +497,8 @@ class MlflowTrialCallback(Callback):
         previous = self.existing.get(key)
         name = f"{config['recipe']['model']['variant']}-{config['config_id']}-seed{config['seed']}"
         run_id = previous.info.run_id if previous is not None else None
-        self.runs[trial.trial_id] = self.tracker.start_trial(name, key, config["flat"], run_id=run_id)
+        params = {**config["flat"], **model_params(config["model_facts"])}
+        self.runs[trial.trial_id] = self.tracker.start_trial(name, key, params, run_id=run_id)
         # Before the lookup below, which fails while the store is away: without them the
         # trial's later hooks would fail too, and its run never get its status or end.
         self.started_at[trial.trial_id] = time.time()
@@ -517,14 +510,14 @@ class MlflowTrialCallback(Callback):
     @never_raises
     def on_trial_result(self, iteration, trials, trial, result, **info):
         handle = self.runs[trial.trial_id]
-        epoch = int(result["epoch"])
-        for earlier in json.loads(result.get("resumed_history_json", "[]")):
+        report = EpochReport.from_result(result)
+        epoch = report.epoch
+        for earlier, metrics in report.history:
             # A resumed trial brings the epochs its checkpoint saw: log any MLflow lacks.
-            if int(earlier["epoch"]) > self.last_epoch.get(trial.trial_id, -1):
-                self.tracker.log_metrics(handle, numeric_metrics(earlier), step=int(earlier["epoch"]))
-                self.last_epoch[trial.trial_id] = int(earlier["epoch"])
-        if "worker_started_at" in result:
-            self.worker_starts.setdefault(trial.trial_id, set()).add(round(result["worker_started_at"], 3))
+            if earlier > self.last_epoch.get(trial.trial_id, -1):
+                self.tracker.log_metrics(handle, metrics, step=earlier)
+                self.last_epoch[trial.trial_id] = earlier
+        self.worker_starts.setdefault(trial.trial_id, set()).add(round(report.worker_started_at, 3))
         # A restarted worker group resumes after its last checkpoint: never log an epoch twice.
         if epoch <= self.last_epoch.get(trial.trial_id, -1):
             return
@@ -533,19 +526,18 @@ class MlflowTrialCallback(Callback):
             self.tracker.set_tags(handle, {"segdist.resumed_at_epoch": str(epoch)})
         self.last_epoch[trial.trial_id] = epoch
         self.last_result[trial.trial_id] = result
-        self.tracker.log_metrics(handle, numeric_metrics(result), step=epoch)
-        model_info = {key: value for key, value in result.items() if key.startswith("model_")}
-        if model_info:
-            self.tracker.log_params(handle, model_info)
-        if trial.trial_id not in self.timings and "worker_started_at" in result:
+        self.tracker.log_metrics(handle, report.metrics, step=epoch)
+        if report.facts:
+            self.tracker.log_params(handle, model_params(report.facts))
+        if trial.trial_id not in self.timings:
             # Seconds from trial start to the training function running on the workers.
-            startup = result["worker_started_at"] - self.started_at[trial.trial_id]
+            startup = report.worker_started_at - self.started_at[trial.trial_id]
             self.timings[trial.trial_id] = {"startup_s": startup}
             self.tracker.log_metrics(handle, {"trial_startup_s": startup}, step=0)
-        if "checkpoint_path" in result and "final_miou" in result:
+        if "checkpoint_path" in result and report.pictures:
             self._log_pictures(handle, result["checkpoint_path"])
         if "checkpoint_path" in result:
-            score = result.get("val_miou", float("nan"))
+            score = report.metrics.get("val_miou", math.nan)
             self.checkpoints.setdefault(trial.trial_id, []).append(
                 (score if math.isfinite(score) else -math.inf, result["checkpoint_path"]))
 

@@ -12,7 +12,6 @@ without evaluation or checkpoints.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import tempfile
 import time
@@ -32,10 +31,11 @@ from segdist.data.classes import IGNORE_INDEX
 from segdist.data.stream import DatasetInfo, StreamLoader, read_dataset_info, train_loader, val_loader
 from segdist.data.transforms import RESIZE_BACKEND, TrainTransform
 from segdist.distributed import all_reduce_mean, all_reduce_sum, any_rank, host_group
+from segdist.epoch_report import EpochReport, Fact
 from segdist.evaluation.loop import evaluate_split
 from segdist.evaluation.results import all_reduce_result, flat_metrics, summarize
 from segdist.evaluation.sinks import ExampleCollector
-from segdist.models import build_model, describe_model
+from segdist.models import build_model, describe_recipe
 from segdist.optim import apply_gradient_rules, lr_factor, lr_schedule, make_optimizer, weight_decay_at
 from segdist.recipe import EvalRecipe, TrainRecipe
 from segdist.visualize import confusion_matrix_png, overlays_png
@@ -45,7 +45,7 @@ PICTURES_DIR = "evaluation"  # beside the checkpoint: the driver logs them to ML
 # Read the running loss (a host sync) only this often, to keep the step asynchronous.
 LOSS_CHECK_EVERY = 10
 
-Report = Callable[[dict[str, Any], dict[str, Any] | None], None]
+Report = Callable[[EpochReport, dict[str, Any] | None], None]
 
 
 class TrainingDiverged(RuntimeError):
@@ -206,22 +206,25 @@ class Setup:
     scheduler: torch.optim.lr_scheduler.LRScheduler
     options: StepOptions
     steps_per_epoch: int
-    facts: dict[str, Any]  # model facts for the record (MLflow params model_*)
+    facts: dict[str, Fact]  # what this device and these weights made of the recipe (EpochReport.facts)
+
+
+def model_facts(trial: TrialConfig, num_classes: int) -> dict[str, Fact]:
+    """The static facts of what `trial` trains, for the record (MLflow params model_<name>):
+    params, size_mb, gflops (one forward of a crop-sized image), output_stride
+    (models.describe_recipe) and resize_backend. Computed in the driver from the recipe alone,
+    once per configuration; what the device and weights make of it is in Setup.facts."""
+    recipe = trial.recipe
+    return {**describe_recipe(recipe.model, num_classes, recipe.train.crop_size),
+            "resize_backend": RESIZE_BACKEND}  # how crops are resampled: part of what a seed means
 
 
 def training_setup(trial: TrialConfig, num_classes: int, num_samples: int, *, rank: int, world_size: int,
-                   device: torch.device, describe: bool = True) -> Setup:
-    """Model, optimizer, schedule and step options of `trial`'s recipe on this rank.
-    `describe`: count the model's parameters and FLOPs for the record on rank 0 (a pass on a
-    meta-device copy: seconds for a ResNet-101; the benchmark's fixed-batch runs skip it)."""
+                   device: torch.device) -> Setup:
+    """Model, optimizer, schedule and step options of `trial`'s recipe on this rank."""
     recipe = trial.recipe
     model = build_model(recipe.model, num_classes).to(device)
-    facts: dict[str, Any] = {}
-    if rank == 0 and describe:
-        facts = describe_model(model, num_classes, input_size=recipe.train.crop_size)
-    facts["output_stride"] = model.output_stride
-    facts["resize_backend"] = RESIZE_BACKEND  # how crops are resampled: part of what a seed means
-    facts["pretrained_sha256"] = model.pretrained_sha256 or "-"
+    facts: dict[str, Fact] = {"pretrained_sha256": model.pretrained_sha256 or "-"}
     bf16, channels_last = resolve_precision(recipe.train, device)
     facts["precision"] = "bf16" if bf16 else "fp32"  # what `auto` became on this device
     facts["channels_last"] = channels_last
@@ -275,8 +278,9 @@ def _evaluate(run: Setup, validation, classes, evaluation: EvalRecipe, last_epoc
     return metrics, evaluation_pictures(confusion, examples, classes) if rank == 0 else None
 
 
-def _checkpoint(run: Setup, trial: TrialConfig, epoch: int, classes, metrics, history, pictures) -> dict[str, Any]:
-    """What rank 0 saves after an epoch (the resume of a trial reads it back)."""
+def _checkpoint(run: Setup, trial: TrialConfig, epoch: int, classes, history, pictures) -> dict[str, Any]:
+    """What rank 0 saves after an epoch (the resume of a trial reads it back). history:
+    (epoch, metrics) of every epoch so far, this one included."""
     return {
         "model": run.model.state_dict(),
         "optimizer": run.optimizer.state_dict(),
@@ -284,7 +288,6 @@ def _checkpoint(run: Setup, trial: TrialConfig, epoch: int, classes, metrics, hi
         "epoch": epoch,
         "classes": list(classes),
         "trial": dataclasses.asdict(trial),
-        "metrics": metrics,
         "history": history,
         "pictures": pictures,
     }
@@ -299,7 +302,7 @@ def fit(
     report: Report,
     resume: dict[str, Any] | None = None,
 ) -> None:
-    """Train `trial` on this rank. `report(metrics, state)` is called once per epoch on
+    """Train `trial` on this rank. `report(epoch_report, state)` is called once per epoch on
     every rank; `state` (a checkpoint dict) is given on rank 0 only."""
     started = time.time()
     recipe, train = trial.recipe, trial.recipe.train
@@ -312,11 +315,11 @@ def fit(
     start_epoch = 0
     # Every epoch's metrics travel with the checkpoints, so a resumed trial can hand the
     # tracker epochs the driver may never have logged (it can die after a checkpoint).
-    history: list[dict[str, Any]] = []
+    history: list[tuple[int, dict[str, float]]] = []
     if resume is not None:
         for part in ("model", "optimizer", "scheduler"):
             getattr(run, part).load_state_dict(resume[part])
-        start_epoch, history = resume["epoch"] + 1, list(resume.get("history", []))
+        start_epoch, history = resume["epoch"] + 1, list(resume["history"])
 
     validation = val_loader(
         val_info, rank=rank, world_size=world_size, loader_workers=trial.data.loader_workers,
@@ -333,7 +336,6 @@ def fit(
             device=device,
         ))
         metrics = {
-            "epoch": epoch,
             **scores,
             "train_loss": all_reduce_mean(stats.mean_loss, device),
             "lr": train.lr * lr_factor(train, run.scheduler.last_epoch - 1, run.steps_per_epoch),  # the last step's
@@ -343,15 +345,14 @@ def fit(
             "skipped_void_steps": int(counts[3]) // world_size,  # every rank counts the same steps
             "train_images_per_s": run.steps_per_epoch * train.batch_size * world_size / train_time,
             "epoch_time_s": time.time() - epoch_start,
-            "worker_started_at": started,
         }
-        if rank == 0 and epoch == start_epoch:
-            metrics.update({f"model_{key}": value for key, value in run.facts.items()})
-            if history:
-                metrics["resumed_history_json"] = json.dumps(history)
-        history.append({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
-        state = _checkpoint(run, trial, epoch, classes, metrics, history, pictures) if rank == 0 else None
-        report(metrics, state)
+        first = rank == 0 and epoch == start_epoch
+        epoch_report = EpochReport(epoch, metrics, facts=run.facts if first else {},
+                                   history=history if first else [], worker_started_at=started,
+                                   pictures=pictures is not None)
+        history = [*history, (epoch, metrics)]
+        state = _checkpoint(run, trial, epoch, classes, history, pictures) if rank == 0 else None
+        report(epoch_report, state)
 
 
 def ray_train_loop(config: dict[str, Any]) -> None:
@@ -368,16 +369,16 @@ def ray_train_loop(config: dict[str, Any]) -> None:
         with checkpoint.as_directory() as directory:
             resume = torch.load(Path(directory) / CHECKPOINT_FILE, map_location="cpu", weights_only=False)
 
-    def report(metrics: dict[str, Any], state: dict[str, Any] | None) -> None:
+    def report(epoch_report: EpochReport, state: dict[str, Any] | None) -> None:
         if state is None:
-            ray.train.report(metrics)
+            ray.train.report(epoch_report.result())
             return
         with tempfile.TemporaryDirectory() as directory:
             for name, png in (state.pop("pictures", None) or {}).items():
                 (Path(directory) / PICTURES_DIR).mkdir(exist_ok=True)
                 (Path(directory) / PICTURES_DIR / name).write_bytes(png)
             torch.save(state, Path(directory) / CHECKPOINT_FILE)
-            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
+            ray.train.report(epoch_report.result(), checkpoint=ray.train.Checkpoint.from_directory(directory))
 
     fit(
         trial,

@@ -189,9 +189,14 @@ def resolve_storage(storage: str | None) -> str:
 
 
 def trial_params(trial: TrialConfig, storage: str) -> dict[str, Any]:
-    """One Tune trial's config: the trial plus what the MLflow callback needs."""
+    """One Tune trial's config: the trial plus what the MLflow callback needs (its params:
+    the flat recipe and the model's static facts, computed here in the driver)."""
+    from segdist.data.stream import read_dataset_info
+    from segdist.train import model_facts
+
     values = dataclasses.asdict(trial)
     values["flat"] = trial.flat()
+    values["model_facts"] = model_facts(trial, read_dataset_info(trial.data.train_shards).num_classes)
     values["trial_key"] = trial_key(trial)
     return {"trial": values, "storage": storage}
 
@@ -479,13 +484,8 @@ def run_crf_study(args: argparse.Namespace) -> int:
     """A DenseCRF grid over saved probabilities (no training): one Tune trial per
     parameter set, each an MLflow child run of the study's parent run."""
     from segdist.crf import load_crf_grid, run_crf_grid
-    from segdist.tracking import (
-        STATUS_TAG,
-        StudyTracker,
-        check_reachable,
-        numeric_metrics,
-        resolve_tracking_uri,
-    )
+    from segdist.epoch_report import EpochReport
+    from segdist.tracking import STATUS_TAG, StudyTracker, check_reachable, resolve_tracking_uri
 
     grid = load_crf_grid(args.space)
     if args.smoke and not (args.dry_run or args.explain):
@@ -510,7 +510,7 @@ def run_crf_study(args: argparse.Namespace) -> int:
         handle = tracker.start_trial(f"crf-{index}", f"crf-{index}", params)
         failed = result.error is not None or not result.metrics
         if not failed:
-            tracker.log_metrics(handle, numeric_metrics(result.metrics), step=0)
+            tracker.log_metrics(handle, EpochReport.from_result(result.metrics).metrics, step=0)
             rows.append((result.metrics["val_miou"], params))
         tracker.set_tags(handle, {STATUS_TAG: FAILED if failed else FINISHED})
         tracker.finish(handle, "FAILED" if failed else "FINISHED")

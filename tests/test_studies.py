@@ -10,7 +10,6 @@ is then trained for one tiny epoch (the `--smoke` sizes) in this process, withou
 
 import csv
 import math
-import time
 
 import pytest
 import torch
@@ -199,17 +198,16 @@ def test_every_configuration_trains_one_smoke_epoch(study_name, variant, tiny_sh
     assert (r.train.epochs, r.train.batch_size, r.train.crop_size, r.train.epoch_scale) == (1, 2, (32, 32), 1.0)
     assert r.resources.workers == 1 and r.eval.tile in (None, (32, 32))
     reports = []
-    started = time.perf_counter()
     fit(config, rank=0, world_size=1, device=torch.device("cpu"),
-        report=lambda metrics, state: reports.append(metrics))
-    assert time.perf_counter() - started < 120
-    assert [m["epoch"] for m in reports] == [0]
-    assert math.isfinite(reports[0]["val_miou"]) and 0.0 <= reports[0]["val_miou"] <= 1.0
-    assert math.isfinite(reports[0]["train_loss"])
+        report=lambda report, state: reports.append(report))
+    assert [report.epoch for report in reports] == [0]
+    metrics = reports[0].metrics
+    assert math.isfinite(metrics["val_miou"]) and 0.0 <= metrics["val_miou"] <= 1.0
+    assert math.isfinite(metrics["train_loss"])
     # the recipe's own evaluation (scales, flip, tiles, boundary statistics) ran at the last epoch
-    assert math.isfinite(reports[0]["final_miou"])
+    assert math.isfinite(metrics["final_miou"])
     for k in r.eval.boundary_kernels:
-        assert {f"final_boundary{k}_miou", f"final_inner{k}_miou"} <= set(reports[0]), k
+        assert {f"final_boundary{k}_miou", f"final_inner{k}_miou"} <= set(metrics), k
 
 
 @pytest.mark.parametrize("study_name", TRAINING_STUDIES)

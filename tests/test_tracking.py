@@ -21,6 +21,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from segdist.config import expand_configs, parse_study, with_seed
+from segdist.epoch_report import EpochReport
 from segdist.outcome import DIVERGED, FAILED, FINISHED, STOPPED_EARLY
 from segdist.tracking import (
     PARENT_TAG,
@@ -78,17 +79,24 @@ class FakeTrial:
         self.error_msg, self.error_file = error_msg, error_file
 
 
-def result(epoch: int, val_miou: float, started_at: float = 1000.0, **extra) -> dict:
-    """One epoch's report as segdist.train sends it, plus Tune's own bookkeeping."""
-    return {"epoch": epoch, "val_miou": val_miou, "train_loss": 2.0 - epoch / 10, "lr": 0.01,
-            "worker_started_at": started_at, "training_iteration": epoch + 1, "time_this_iter_s": 1.5,
-            "done": False, **extra}
+def metrics(epoch: int, val_miou: float) -> dict[str, float]:
+    return {"val_miou": val_miou, "train_loss": 2.0 - epoch / 10, "lr": 0.01}
 
 
-def history_entry(epoch: int, val_miou: float, started_at: float = 1000.0) -> dict:
-    """One line of the history a checkpoint carries (the numeric values of that epoch's report)."""
-    return {k: v for k, v in result(epoch, val_miou, started_at).items()
-            if k in ("epoch", "val_miou", "train_loss", "lr", "worker_started_at")}
+def result(epoch: int, val_miou: float, started_at: float = 1000.0, facts: dict | None = None,
+           history: list | None = None, pictures: bool = False, checkpoint_path: str | None = None,
+           **more_metrics: float) -> dict:
+    """One epoch's report as segdist.train sends it (EpochReport.result()), plus Tune's own
+    bookkeeping (and the checkpoint's path, where one was saved)."""
+    report = EpochReport(epoch, {**metrics(epoch, val_miou), **more_metrics}, facts=facts or {},
+                         history=history or [], worker_started_at=started_at, pictures=pictures)
+    tune = {"training_iteration": epoch + 1, "time_this_iter_s": 1.5, "done": False}
+    return {**report.result(), **tune, **({"checkpoint_path": checkpoint_path} if checkpoint_path else {})}
+
+
+def history_entry(epoch: int, val_miou: float) -> tuple[int, dict[str, float]]:
+    """One epoch of the history a checkpoint carries: (epoch, that epoch's metrics)."""
+    return epoch, metrics(epoch, val_miou)
 
 
 def study(tmp_path: Path, uri: str, name: str = "track") -> tuple[str, StudyTracker, MlflowTrialCallback, dict]:
@@ -297,11 +305,10 @@ def test_a_restarted_worker_group_logs_no_epoch_twice_and_the_first_value_stays(
     uri, tracker, callback, config = study(tmp_path, uri)
     trial = FakeTrial("t0", config)
     callback.on_trial_start(0, [], trial)
-    callback.on_trial_result(1, [], trial, result(0, 0.10, model_params=1234))
+    callback.on_trial_result(1, [], trial, result(0, 0.10, facts={"precision": "fp32"}))
     callback.on_trial_result(2, [], trial, result(1, 0.20))
-    again = json.dumps([history_entry(0, 0.10)])
-    callback.on_trial_result(3, [], trial, result(1, 0.25, started_at=2000.0, model_params=1234,
-                                                    resumed_history_json=again))
+    callback.on_trial_result(3, [], trial, result(1, 0.25, started_at=2000.0, facts={"precision": "fp32"},
+                                                    history=[history_entry(0, 0.10)]))
     callback.on_trial_result(4, [], trial, result(2, 0.30, started_at=2000.0))
     callback.on_trial_complete(5, [], trial)
     assert not tracker.pending
@@ -312,9 +319,11 @@ def test_a_restarted_worker_group_logs_no_epoch_twice_and_the_first_value_stays(
     assert [m.step for m in client.get_metric_history(run_id, "trial_startup_s")] == [0]
     run = client.get_run(run_id)
     assert run.data.metrics["worker_restarts"] == 1
-    assert run.data.params["model_params"] == "1234" and run.data.params["train.seed"] == "0"
-    assert not any(key in run.data.metrics for key in ("epoch", "worker_started_at", "training_iteration",
-                                                       "time_this_iter_s", "model_params"))
+    # the model's static facts come from the driver's trial config, the device's from the worker
+    assert run.data.params["model_params"] == str(config["trial"]["model_facts"]["params"]) != "0"
+    assert run.data.params["model_precision"] == "fp32" and run.data.params["train.seed"] == "0"
+    assert set(run.data.metrics) == {"val_miou", "train_loss", "lr", "trial_startup_s", "trial_train_s", "trial_wall_s",
+                                     "worker_restarts"}
     assert run.data.tags[STATUS_TAG] == FINISHED
     assert "segdist.resumed_at_epoch" not in run.data.tags  # a restart within the study is no resume
 
@@ -326,13 +335,12 @@ def test_the_history_of_a_restarted_worker_fills_epochs_the_callback_never_saw(t
     trial = FakeTrial("t0", config)
     callback.on_trial_start(0, [], trial)
     callback.on_trial_result(1, [], trial, result(0, 0.10))
-    history = json.dumps([history_entry(0, 0.11), history_entry(1, 0.20)])
-    callback.on_trial_result(2, [], trial, result(2, 0.30, started_at=2000.0, resumed_history_json=history))
+    history = [history_entry(0, 0.11), history_entry(1, 0.20)]
+    callback.on_trial_result(2, [], trial, result(2, 0.30, started_at=2000.0, history=history))
     callback.on_trial_complete(3, [], trial)
     run_id = tracker.run_ids[config["trial"]["trial_key"]]
     client = MlflowClient(tracking_uri=uri)
     assert steps_of(client, run_id, "val_miou") == [(0, 0.10), (1, 0.20), (2, 0.30)]
-    assert "resumed_history_json" not in client.get_run(run_id).data.params
     assert client.get_run(run_id).data.tags[STATUS_TAG] == FINISHED
 
 
@@ -368,8 +376,8 @@ def test_resume_reopens_the_trials_run_and_logs_only_the_epochs_it_lacks(tmp_pat
     assert tracker.client.get_run(run_a).info.status == "RUNNING"
     # Ray Train continues from the epoch-2 checkpoint: its history holds epochs 0-2, of which
     # MLflow has only 0 (the first driver died before it saw 1 and 2).
-    history = json.dumps([history_entry(0, 0.11), history_entry(1, 0.20), history_entry(2, 0.30)])
-    callback.on_trial_result(1, [], trial, result(3, 0.40, started_at=2000.0, resumed_history_json=history))
+    history = [history_entry(0, 0.11), history_entry(1, 0.20), history_entry(2, 0.30)]
+    callback.on_trial_result(1, [], trial, result(3, 0.40, started_at=2000.0, history=history))
     callback.on_trial_complete(2, [], trial)
     assert not tracker.pending
 
@@ -397,8 +405,7 @@ def test_a_resumed_trial_whose_worker_reports_an_epoch_mlflow_has_skips_it(tmp_p
     callback = MlflowTrialCallback(tracker, storage, existing=tracker.existing_trials())
     trial = FakeTrial("a2", config)
     callback.on_trial_start(0, [], trial)
-    history = json.dumps([history_entry(0, 0.9)])
-    callback.on_trial_result(1, [], trial, result(1, 0.9, started_at=2000.0, resumed_history_json=history))
+    callback.on_trial_result(1, [], trial, result(1, 0.9, started_at=2000.0, history=[history_entry(0, 0.9)]))
     callback.on_trial_result(2, [], trial, result(2, 0.9, started_at=2000.0))
     callback.on_trial_result(3, [], trial, result(3, 0.4, started_at=2000.0))
     callback.on_trial_complete(4, [], trial)
@@ -444,8 +451,7 @@ def test_a_resumed_trial_that_starts_while_the_store_is_away_still_gets_its_stat
     callback.on_trial_start(0, [], trial)
     assert [what for what, _ in tracker.pending] == [f"reopen {config['trial']['trial_key']}"]
     gone.away = False
-    history = json.dumps([history_entry(0, 0.10)])
-    callback.on_trial_result(1, [], trial, result(1, 0.20, started_at=2000.0, resumed_history_json=history))
+    callback.on_trial_result(1, [], trial, result(1, 0.20, started_at=2000.0, history=[history_entry(0, 0.10)]))
     callback.on_trial_result(2, [], trial, result(2, 0.30, started_at=2000.0))
     callback.on_trial_complete(3, [], trial)
     assert not tracker.pending
@@ -552,7 +558,8 @@ def test_the_best_checkpoint_ray_still_keeps_is_logged(tmp_path, uri, ray_delete
     callback.on_trial_result(1, [], trial, result(0, 0.3, checkpoint_path=paths["e0"]))
     callback.on_trial_result(2, [], trial, result(1, 0.6, checkpoint_path=paths["e1"]))
     # The last epoch: a non-finite score never wins; its evaluation pictures are logged.
-    callback.on_trial_result(3, [], trial, result(2, math.nan, checkpoint_path=paths["e2"], final_miou=0.55))
+    callback.on_trial_result(3, [], trial, result(2, math.nan, checkpoint_path=paths["e2"], final_miou=0.55,
+                                                    pictures=True))
     for name in ray_deleted:  # Ray keeps only the best and the latest
         for file in Path(paths[name]).iterdir():
             file.unlink()

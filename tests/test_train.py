@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from segdist.config import expand_trials, parse_study
+from segdist.epoch_report import EpochReport
 from segdist.train import TrainingDiverged, fit, resolve_precision, segmentation_loss
 
 
@@ -31,30 +32,33 @@ def run(trial, resume=None):
     fit(trial, rank=0, world_size=1, device=torch.device("cpu"),
         # Snapshot the state as the Ray path does (torch.save at report time): state_dict()
         # holds live tensors that later epochs keep changing.
-        report=lambda metrics, state: reports.append((metrics, copy.deepcopy(state))), resume=resume)
+        report=lambda report, state: reports.append((report, copy.deepcopy(state))), resume=resume)
     return reports
 
 
-def comparable(metrics):
-    timing = ("train_images_per_s", "epoch_time_s", "worker_started_at", "resumed_history_json")
-    return {k: v for k, v in metrics.items() if k not in timing and not k.startswith("model_")}
+def comparable(report):
+    """An EpochReport's epoch and metrics, less its timings."""
+    timing = ("train_images_per_s", "epoch_time_s")
+    return report.epoch, {k: v for k, v in report.metrics.items() if k not in timing}
 
 
 def test_fit_reports_every_epoch_with_metrics_and_a_checkpoint(tiny_shards):
     reports = run(tiny_trial(*tiny_shards))
-    assert [m["epoch"] for m, _ in reports] == [0, 1]
+    assert [m.epoch for m, _ in reports] == [0, 1]
     first, state = reports[0]
     for key in ("train_loss", "val_miou", "val_pixel_acc", "val_mean_acc", "val_iou_background",
-                "skipped_train_samples", "model_params", "model_size_mb", "model_output_stride",
-                "model_resize_backend", "model_precision", "model_channels_last"):
-        assert key in first, key
-    assert first["model_precision"] == "fp32" and first["model_channels_last"] is False  # auto on CPU
-    assert 0.0 <= first["val_miou"] <= 1.0
+                "skipped_train_samples", "train_images_per_s"):
+        assert key in first.metrics, key
+    # what the device and weights made of the recipe, once per worker group
+    assert first.facts == {"precision": "fp32", "channels_last": False, "tf32": False,  # auto on CPU
+                           "pretrained_sha256": "-"}
+    assert 0.0 <= first.metrics["val_miou"] <= 1.0
     assert state["epoch"] == 0 and set(state) >= {"model", "optimizer", "scheduler", "classes", "trial"}
-    assert "model_params" not in reports[1][0]  # model facts once per run
+    assert reports[1][0].facts == {} and reports[1][0].history == []
     last, last_state = reports[-1]
-    assert last["final_miou"] == last["val_miou"]  # a whole-image study reuses the epoch's pass
-    assert "final_miou" not in first
+    assert last.metrics["final_miou"] == last.metrics["val_miou"]  # a whole-image study reuses the epoch's pass
+    assert "final_miou" not in first.metrics
+    assert (first.pictures, last.pictures) == (False, True)
     assert last_state["pictures"]["confusion.png"][:4] == b"\x89PNG"
     assert last_state["pictures"]["overlays.png"][:4] == b"\x89PNG"
 
@@ -62,7 +66,8 @@ def test_fit_reports_every_epoch_with_metrics_and_a_checkpoint(tiny_shards):
 def test_the_studys_evaluation_runs_once_at_the_end(tiny_shards):
     trial = tiny_trial(*tiny_shards, epochs=1,
                        evaluation={"scales": [0.75, 1.0], "flip": True, "boundary_kernels": [5]})
-    (metrics, _), = run(trial)
+    (report, _), = run(trial)
+    metrics = report.metrics
     for key in ("final_miou", "final_boundary5_miou", "final_inner5_miou", "final_boundary5_pixel_acc"):
         assert key in metrics, key
     assert "val_boundary5_miou" not in metrics  # per-epoch evaluation stays whole-image
@@ -81,7 +86,7 @@ def test_resuming_from_a_checkpoint_continues_exactly(tiny_shards):
     trial = tiny_trial(*tiny_shards)
     straight = run(trial)
     resumed = run(trial, resume=straight[0][1])
-    assert [m["epoch"] for m, _ in resumed] == [1]
+    assert [m.epoch for m, _ in resumed] == [1]
     assert comparable(resumed[0][0]) == comparable(straight[1][0])
 
 
@@ -91,7 +96,7 @@ def test_an_original_recipe_resumes_exactly(tiny_shards):
                        weight_decay=0.01, weight_decay_every=3)
     straight = run(trial)
     resumed = run(trial, resume=straight[0][1])
-    assert [m["epoch"] for m, _ in resumed] == [1, 2]
+    assert [m.epoch for m, _ in resumed] == [1, 2]
     assert [comparable(m) for m, _ in resumed] == [comparable(m) for m, _ in straight[1:]]
 
 
@@ -102,7 +107,7 @@ def test_a_nan_loss_stops_the_trial(tiny_shards):
 
 def test_skip_policy_drops_nan_steps_and_counts_them(tiny_shards):
     reports = run(tiny_trial(*tiny_shards, lr=1e12, epochs=1, on_nan="skip"))
-    assert reports[0][0]["skipped_nan_steps"] > 0
+    assert reports[0][0].metrics["skipped_nan_steps"] > 0
 
 
 def test_soft_targets_equal_hard_cross_entropy_on_one_hot_labels():
@@ -123,23 +128,22 @@ def test_an_original_recipe_trains_with_its_optimizer_schedule_and_augmentation(
     recipe = trial.recipe
     assert (recipe.train.optimizer, recipe.train.schedule, recipe.model.framework) == ("adam_tf1", "steps", "tf1")
     reports = run(trial)
-    lrs = [m["lr"] for m, _ in reports]
+    lrs = [m.metrics["lr"] for m, _ in reports]
     assert lrs == pytest.approx([0.01, 0.004, 0.0004])  # epoch e's last lr: after epochs 1 and 2 the steps
-    assert all(math.isfinite(m["train_loss"]) for m, _ in reports)
-    assert {"final_miou"} <= set(reports[-1][0])
+    assert all(math.isfinite(m.metrics["train_loss"]) for m, _ in reports)
+    assert {"final_miou"} <= set(reports[-1][0].metrics)
 
 
 def test_a_resumed_trial_reports_the_history_its_checkpoint_holds(tiny_shards):
-    import json
-
     trial = tiny_trial(*tiny_shards, epochs=3)
     straight = run(trial)
-    assert [h["epoch"] for h in straight[1][1]["history"]] == [0, 1]
+    assert [epoch for epoch, _ in straight[1][1]["history"]] == [0, 1]
     resumed = run(trial, resume=straight[1][1])  # from the epoch-1 checkpoint
-    history = json.loads(resumed[0][0]["resumed_history_json"])
-    assert [h["epoch"] for h in history] == [0, 1]
-    assert history[1]["val_miou"] == straight[1][0]["val_miou"]
-    assert "resumed_history_json" not in straight[0][0]
+    sent = EpochReport.from_result(resumed[0][0].result())  # as the driver reads it
+    assert [epoch for epoch, _ in sent.history] == [0, 1]
+    assert sent.history[1][1] == straight[1][0].metrics
+    assert sent.facts == straight[0][0].facts  # a new worker group says what it runs on again
+    assert straight[0][0].history == [] and straight[2][0].history == []
 
 
 @pytest.mark.parametrize(
@@ -196,16 +200,16 @@ def one_image_per_batch(trial):
 @pytest.mark.parametrize("on_nan", ["stop", "skip"])
 def test_a_batch_with_no_labelled_pixel_is_skipped_and_counted(void_shards, on_nan):
     reports = run(one_image_per_batch(tiny_trial(*void_shards, batch_size=1, crop_size=24, on_nan=on_nan)))
-    assert [m["skipped_void_steps"] for m, _ in reports] == [1, 1]  # the all-void image, every epoch
-    assert [m["skipped_nan_steps"] for m, _ in reports] == [0, 0]
-    assert all(math.isfinite(m["train_loss"]) and 0 <= m["val_miou"] <= 1 for m, _ in reports)
+    assert [m.metrics["skipped_void_steps"] for m, _ in reports] == [1, 1]  # the all-void image, every epoch
+    assert [m.metrics["skipped_nan_steps"] for m, _ in reports] == [0, 0]
+    assert all(math.isfinite(m.metrics["train_loss"]) and 0 <= m.metrics["val_miou"] <= 1 for m, _ in reports)
 
 
 def test_all_void_images_in_edgemix_training_and_boundary_evaluation(void_shards):
     trial = tiny_trial(*void_shards, variant="naked.voc.edgemix", batch_size=1, crop_size=24, epochs=1,
                        evaluation={"boundary_kernels": [3, 5]})
     reports = run(one_image_per_batch(trial))
-    metrics = reports[-1][0]
+    metrics = reports[-1][0].metrics
     assert metrics["skipped_void_steps"] == 1 and math.isfinite(metrics["train_loss"])
     boundary = {k: v for k, v in metrics.items() if "boundary" in k}
     assert boundary and all(math.isfinite(v) for v in boundary.values() if isinstance(v, float))
@@ -269,4 +273,4 @@ def test_a_batch_of_one_trains_when_every_batchnorm_sees_more_than_one_value(voi
     """The check's boundary: fpn (output stride 32) at batch 1 is refused at crop 24 (1x1
     deepest map, tests/test_bad_inputs.py) and trains at crop 33 (2x2)."""
     reports = run(tiny_trial(*void_shards, variant="fpn", batch_size=1, crop_size=33, epochs=1))
-    assert math.isfinite(reports[0][0]["train_loss"])
+    assert math.isfinite(reports[0][0].metrics["train_loss"])

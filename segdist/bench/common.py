@@ -85,19 +85,18 @@ def with_train(trial: TrialConfig, **changes: Any) -> TrialConfig:
 
 
 def bench_setup(trial: TrialConfig, num_classes: int, num_samples: int, *, device=None, rank: int = 0,
-                world_size: int = 1, describe: bool = False) -> Setup:
+                world_size: int = 1) -> Setup:
     """segdist.train.training_setup of `trial` as `fit` makes it (torch seeded with the trial's
     seed first, so every set-up of one trial starts from the same weights): the recipe's model,
     optimizer, schedule (over `num_samples` per epoch), precision, L2 term, NaN rule and host
-    flag group. `describe`: count the model's FLOPs for the record as fit does (a meta-device
-    pass: seconds for a ResNet-101, so only where start-up is what is measured)."""
+    flag group."""
     import torch
 
     from segdist.train import training_setup
 
     torch.manual_seed(trial.seed)
     return training_setup(trial, num_classes, num_samples, rank=rank, world_size=world_size,
-                          device=device or torch.device("cpu"), describe=describe)
+                          device=device or torch.device("cpu"))
 
 
 class TimedLoader:

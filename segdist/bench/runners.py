@@ -35,8 +35,7 @@ def dist_loop(spec: dict[str, Any], rank: int, world_size: int) -> dict[str, Any
     torch.set_num_threads(spec["threads"])
     trial = trial_from_dict(spec["trial"])
     info = read_dataset_info(trial.data.train_shards)
-    # described as fit does: part of a trial's start-up, which `ray` measures
-    run = bench_setup(trial, info.num_classes, info.num_samples, rank=rank, world_size=world_size, describe=True)
+    run = bench_setup(trial, info.num_classes, info.num_samples, rank=rank, world_size=world_size)
     loader = epoch_loader(trial, info, run, 0, rank=rank, world_size=world_size, batches=spec["steps"])
     result = run_steps(run, loader, spec["warmup"], trial.recipe.train.batch_size * world_size)
     result["rank"] = rank

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import copy
 import functools
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -24,6 +24,9 @@ from segdist.models.heads import ASPPHead, BasicBlockHead, NakedHead
 from segdist.models.resnet import FrozenBatchNorm2d, ResNet, convert_sync_batchnorm
 from segdist.models.sobel import EdgeInput, FixedSobel, LearnableSobel, StageExtras, learnable_sobel
 from segdist.models.variant import EDGE_STAGES, FPN_DECODERS, STAGES
+
+if TYPE_CHECKING:
+    from segdist.recipe import ModelRecipe
 
 
 class SegModel(nn.Module):
@@ -208,6 +211,16 @@ def describe_model(model: nn.Module, num_classes: int | None = None, input_size:
         "size_mb": round(params * 4 / 2**20, 2),
         "gflops": round(counter.get_total_flops() / 1e9, 3),
     }
+
+
+@functools.lru_cache(maxsize=64)
+def describe_recipe(model: ModelRecipe, num_classes: int, input_size: tuple[int, int]) -> dict[str, Any]:
+    """describe_model of the network `model` (a ModelRecipe) builds for `num_classes`, with its
+    output_stride: {"params", "size_mb", "gflops", "output_stride"}. Built on the meta device:
+    nothing is computed and no weights are read (seconds for a ResNet-101; cached)."""
+    with torch.device("meta"):
+        net = build_model(model, num_classes, load_pretrained=False)
+    return {**describe_model(net, num_classes, input_size), "output_stride": net.output_stride}
 
 
 @functools.lru_cache(maxsize=64)

@@ -8,6 +8,7 @@ from segdist.crf import (
     CrfParams,
     CrfPool,
     confusion_numpy,
+    crf_grid_metrics,
     crf_grid_param_space,
     crf_grid_trial,
     crf_labels,
@@ -20,6 +21,7 @@ from segdist.crf import (
     write_meta,
     write_sample,
 )
+from segdist.epoch_report import EpochReport
 from segdist.errors import SegdistError
 from segdist.metrics import confusion_matrix
 
@@ -124,12 +126,13 @@ def test_scores_with_and_without_crf(saved_folder):
 def test_grid_trial_reports_val_miou(saved_folder):
     reported = []
     config = {"probabilities": str(saved_folder), "workers": 1, "limit": 0, "bi_w": 4, "bi_rgb_std": 3}
-    metrics = crf_grid_trial(config, report=reported.append)
-    assert reported == [metrics]
-    assert metrics["val_miou"] == 1.0 and metrics["num_images"] == 3
-    assert metrics["crf_bi_w"] == 4.0 and "val_iou_left" in metrics
-    off = crf_grid_trial({**config, "bi_w": 0, "pos_w": 0}, report=reported.append)
-    assert off["val_miou"] < 1.0
+    assert crf_grid_trial(config, report=reported.append) is None  # a returned dict would be a 2nd result
+    (result,) = reported
+    metrics = crf_grid_metrics(config)
+    assert EpochReport.from_result(result) == EpochReport(0, metrics)
+    assert result["val_miou"] == metrics["val_miou"] == 1.0 and metrics["num_images"] == 3
+    assert "val_iou_left" in metrics and "crf_bi_w" not in metrics  # the parameters are the trial's config
+    assert crf_grid_metrics({**config, "bi_w": 0, "pos_w": 0})["val_miou"] < 1.0
 
 
 def test_the_shipped_grid_file_parses():

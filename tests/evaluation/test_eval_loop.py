@@ -8,7 +8,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from segdist.crf import CrfParams, crf_grid_trial, load_sample, read_meta, saved_keys, score_saved
+from segdist.crf import CrfParams, crf_grid_metrics, load_sample, read_meta, saved_keys, score_saved
 from segdist.data.classes import SYNTHETIC_CLASSES
 from segdist.data.stream import read_dataset_info, val_loader
 from segdist.evaluation.checkpoint import load_checkpoint, model_from_checkpoint
@@ -58,9 +58,8 @@ def test_saved_probabilities_feed_the_crf_grid(eval_shards, tiny_checkpoint, tmp
     probs, rgb, label = load_sample(folder, key[0] if isinstance(key, (list, tuple)) else key)
     assert np.abs(probs.astype(np.float32) - msf(images)[0].numpy()).max() < 1e-3
     assert np.array_equal(label, labels[0].numpy()) and np.array_equal(rgb, denormalize(images[0]))
-    reported = []
-    metrics = crf_grid_trial({"probabilities": str(folder), "workers": 1, **vars(CrfParams())}, report=reported.append)
-    assert reported and 0.0 <= metrics["val_miou"] <= 1.0 and metrics["num_images"] == 5
+    metrics = crf_grid_metrics({"probabilities": str(folder), "workers": 1, **vars(CrfParams())})
+    assert 0.0 <= metrics["val_miou"] <= 1.0 and metrics["num_images"] == 5
 
 
 def test_denormalize_recovers_the_uint8_image():
