@@ -30,36 +30,17 @@ def _fraction(text: str) -> float:
     return value
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m segdist.shards",
-        description="Make and check the webdataset shards that segdist trains from.",
-        epilog="Example: python -m segdist.shards synth --out data/synthetic && "
-        "python -m segdist.shards build --dataset synthetic --root data/synthetic --split train "
-        "--out shards/synthetic/train",
-    )
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    p = sub.add_parser(
-        "synth",
-        help="write the generated data set in the VOC layout",
-        description="Write the generated (synthetic) data set in the PASCAL VOC layout: "
-        "JPEGImages/, SegmentationClass/ (palette PNG, 255 = ignore) and "
-        "ImageSets/Segmentation/{train,val}.txt. Deterministic from --seed.",
-    )
+def _add_synth_arguments(p: argparse.ArgumentParser) -> None:
+    """Add the `synth` sub-command's arguments to its parser p."""
     p.add_argument("--out", required=True, help="folder to write (created)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--train", type=_positive_int, default=600, help="number of train images (default 600)")
     p.add_argument("--val", type=_positive_int, default=150, help="number of val images (default 150)")
 
-    p = sub.add_parser(
-        "build",
-        help="turn a dataset folder into shards",
-        description="Read a dataset folder with its real reader and write webdataset .tar "
-        "shards, manifest.parquet and dataset.json into --out. Uses all cores; safe to "
-        "interrupt and re-run (finished shards are kept unless a file they were read from "
-        "changed size or modification time).",
-    )
+
+def _add_build_source_arguments(p: argparse.ArgumentParser) -> None:
+    """Add the `build` sub-command's arguments that say what to read and where to write it to
+    its parser p."""
     p.add_argument(
         "--dataset",
         required=True,
@@ -80,6 +61,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="with --split train_aug: the SBD folder (benchmark_RELEASE[/dataset]); without it, "
         "ROOT/SegmentationClassAug/ is used",
     )
+
+
+def _add_build_option_arguments(p: argparse.ArgumentParser) -> None:
+    """Add the `build` sub-command's arguments that say how to build (shard size, processes,
+    downscale, bad samples, progress lines) to its parser p."""
     p.add_argument("--shard-size", type=_positive_int, default=64, help="samples per shard (default 64)")
     p.add_argument("--workers", type=_positive_int, default=None, help="processes (default: all cores)")
     p.add_argument(
@@ -98,6 +84,43 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--quiet", action="store_true", help="no progress lines")
 
+
+def _add_inspect_arguments(p: argparse.ArgumentParser) -> None:
+    """Add the `inspect` sub-command's arguments to its parser p."""
+    p.add_argument("path", help="shard folder (local path or URL)")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m segdist.shards",
+        description="Make and check the webdataset shards that segdist trains from.",
+        epilog="Example: python -m segdist.shards synth --out data/synthetic && "
+        "python -m segdist.shards build --dataset synthetic --root data/synthetic --split train "
+        "--out shards/synthetic/train",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser(
+        "synth",
+        help="write the generated data set in the VOC layout",
+        description="Write the generated (synthetic) data set in the PASCAL VOC layout: "
+        "JPEGImages/, SegmentationClass/ (palette PNG, 255 = ignore) and "
+        "ImageSets/Segmentation/{train,val}.txt. Deterministic from --seed.",
+    )
+    _add_synth_arguments(p)
+
+    p = sub.add_parser(
+        "build",
+        help="turn a dataset folder into shards",
+        description="Read a dataset folder with its real reader and write webdataset .tar "
+        "shards, manifest.parquet and dataset.json into --out. Uses all cores; safe to "
+        "interrupt and re-run (finished shards are kept unless a file they were read from "
+        "changed size or modification time).",
+    )
+    _add_build_source_arguments(p)
+    _add_build_option_arguments(p)
+
     p = sub.add_parser(
         "inspect",
         help="check every shard of a built folder",
@@ -105,8 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
         "decodability, label range, agreement with manifest.parquet. Exit status 2 "
         "if anything is wrong.",
     )
-    p.add_argument("path", help="shard folder (local path or URL)")
-    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    _add_inspect_arguments(p)
     return parser
 
 

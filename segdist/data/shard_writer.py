@@ -30,6 +30,7 @@ build_from_source would keep every shard.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import itertools
@@ -38,7 +39,7 @@ import multiprocessing
 import os
 import re
 import signal
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -161,6 +162,86 @@ class _ShardAccumulator:
         return self.rows[-1], encode_label_zst(sample.label)
 
 
+def _tar_entry(sample: Sample, row: dict, label: bytes, dataset: str) -> dict:
+    """The webdataset entry of one measured sample: {"__key__", image ext: bytes, "label.zst", "json"}."""
+    meta = {
+        "key": sample.key,
+        "width": row["width"],
+        "height": row["height"],
+        "dataset": dataset,
+        "image": _image_ext(sample),
+        "orig_width": row["orig_width"],
+        "orig_height": row["orig_height"],
+    }
+    return {
+        "__key__": sample.key,
+        _image_ext(sample): sample.image_bytes,
+        "label.zst": label,
+        "json": json.dumps(meta, sort_keys=True).encode(),
+    }
+
+
+def _measure(acc: _ShardAccumulator, sample: Sample, downscale: float) -> tuple[Sample, dict, bytes]:
+    """(the sample as written, downscaled unless downscale == 1; its manifest row; its encoded
+    label), after acc has validated and counted it. SegdistError for a bad sample."""
+    orig = (sample.width, sample.height)
+    if downscale != 1.0:
+        sample = downscale_sample(sample, downscale)
+    row, label = acc.add(sample, orig, downscale)
+    return sample, row, label
+
+
+def _write_samples(
+    writer: wds.TarWriter,
+    samples: Iterable[Sample],
+    acc: _ShardAccumulator,
+    *,
+    dataset: str,
+    downscale: float,
+    on_bad: str,
+) -> tuple[list[str], list[dict]]:
+    """Write every good sample to writer; return (the key of every sample seen, in order,
+    skipped ones included; [{key, reason}] of the skipped ones). A bad sample raises
+    SegdistError unless on_bad == "skip"; a _BadSample (a load that failed) is always skipped."""
+    seen_keys: list[str] = []
+    skipped: list[dict] = []
+    for sample in samples:
+        seen_keys.append(sample.key)
+        if isinstance(sample, _BadSample):
+            skipped.append({"key": sample.key, "reason": sample.reason})
+            continue
+        try:
+            sample, row, label = _measure(acc, sample, downscale)
+        except SegdistError as err:
+            if on_bad == "skip":
+                skipped.append({"key": sample.key, "reason": str(err)})
+                continue
+            raise
+        writer.write(_tar_entry(sample, row, label, dataset))
+    return seen_keys, skipped
+
+
+@contextlib.contextmanager
+def _open_tar(path: Path) -> Iterator[wds.TarWriter]:
+    """A TarWriter on a new file at path that writes reproducible tars (fixed mtime and
+    owner); on leaving the block it is closed and, unless the block raised, synced to disk."""
+    with open(path, "wb") as stream:
+        writer = wds.TarWriter(stream, encoder=False, mtime=0, user="segdist", group="segdist")
+        try:
+            yield writer
+        finally:
+            writer.close()
+        stream.flush()
+        os.fsync(stream.fileno())
+
+
+def _save_part(out_dir: Path, part: dict) -> None:
+    """Write a shard's bookkeeping record atomically to OUT_DIR/_parts/SHARD.json."""
+    parts = out_dir / PARTS
+    parts.mkdir(exist_ok=True)
+    _atomic_write_text(parts / f"{part['shard']}.json", json.dumps(part))
+
+
 def _write_shard(
     out_dir: Path,
     shard: str,
@@ -180,50 +261,12 @@ def _write_shard(
     so that a later build can tell whether they changed.
     """
     acc = _ShardAccumulator(shard, num_classes)
-    skipped: list[dict] = []
-    seen_keys: list[str] = []
     tmp = out_dir / f".{shard}.tmp-{os.getpid()}"
     try:
-        with open(tmp, "wb") as stream:
-            writer = wds.TarWriter(stream, encoder=False, mtime=0, user="segdist", group="segdist")
-            try:
-                for sample in samples:
-                    if isinstance(sample, _BadSample):
-                        seen_keys.append(sample.key)
-                        skipped.append({"key": sample.key, "reason": sample.reason})
-                        continue
-                    seen_keys.append(sample.key)
-                    try:
-                        orig = (sample.width, sample.height)
-                        if downscale != 1.0:
-                            sample = downscale_sample(sample, downscale)
-                        row, label = acc.add(sample, orig, downscale)
-                    except SegdistError as err:
-                        if on_bad == "skip":
-                            skipped.append({"key": sample.key, "reason": str(err)})
-                            continue
-                        raise
-                    meta = {
-                        "key": sample.key,
-                        "width": row["width"],
-                        "height": row["height"],
-                        "dataset": dataset,
-                        "image": _image_ext(sample),
-                        "orig_width": row["orig_width"],
-                        "orig_height": row["orig_height"],
-                    }
-                    writer.write(
-                        {
-                            "__key__": sample.key,
-                            _image_ext(sample): sample.image_bytes,
-                            "label.zst": label,
-                            "json": json.dumps(meta, sort_keys=True).encode(),
-                        }
-                    )
-            finally:
-                writer.close()
-            stream.flush()
-            os.fsync(stream.fileno())
+        with _open_tar(tmp) as writer:
+            seen_keys, skipped = _write_samples(
+                writer, samples, acc, dataset=dataset, downscale=downscale, on_bad=on_bad
+            )
         part = {
             "shard": shard,
             "keys": chunk_keys if chunk_keys is not None else seen_keys,
@@ -235,9 +278,7 @@ def _write_shard(
             "sumsq": acc.sumsq.tolist(),
             "npix": acc.npix,
         }
-        parts = out_dir / PARTS
-        parts.mkdir(exist_ok=True)
-        _atomic_write_text(parts / f"{shard}.json", json.dumps(part))
+        _save_part(out_dir, part)
         os.replace(tmp, out_dir / shard)
         return part
     finally:
@@ -316,41 +357,38 @@ def _prepare_out_dir(out_dir: Path, prefix: str) -> None:
         stale.unlink(missing_ok=True)
 
 
-def _finalize(
-    out_dir: Path,
-    prefix: str,
-    parts: list[dict],
-    *,
-    dataset: str,
-    classes: Sequence[str],
-    downscale: float,
-) -> BuildResult:
-    rows = [row for part in parts for row in part["rows"]]
-    skipped = [s for part in parts for s in part["skipped"]]
-    keys = [row["key"] for row in rows]
+def _check_rows(out_dir: Path, keys: list[str], skipped: list[dict]) -> None:
+    """SegdistError if a key appears twice among the written samples' keys, or none was written."""
     if len(set(keys)) != len(keys):
         dup = next(k for k in keys if keys.count(k) > 1)
         raise SegdistError(f"{out_dir}: sample key {dup!r} appears twice in this split")
-    if not rows:
+    if not keys:
         raise SegdistError(f"{out_dir}: no samples were written (all {len(skipped)} skipped or none given)")
-    # Drop shards that an earlier build with other settings left behind.
-    names = [part["shard"] for part in parts]
+
+
+def _remove_stale_shards(out_dir: Path, prefix: str, names: list[str]) -> None:
+    """Delete PREFIX-NNNNNN.tar shards (and their bookkeeping) in OUT_DIR that are not in names:
+    what an earlier build with other settings left behind."""
     pattern = re.compile(re.escape(prefix) + r"-\d{6}\.tar$")
     for path in out_dir.iterdir():
         if pattern.match(path.name) and path.name not in names:
             path.unlink()
             (out_dir / PARTS / f"{path.name}.json").unlink(missing_ok=True)
 
-    num_classes = len(classes)
-    class_pixels = np.array([row["class_pixels"] for row in rows], dtype=np.int64).sum(axis=0)
-    total = float(class_pixels.sum())
+
+def _pixel_stats(parts: list[dict]) -> tuple[np.ndarray, np.ndarray]:
+    """(mean, std) per RGB channel, shape (3,), in pixel units 0..255, over every pixel of the parts."""
     npix = sum(part["npix"] for part in parts)
     mean = np.sum([part["sum"] for part in parts], axis=0) / npix
     var = np.sum([part["sumsq"] for part in parts], axis=0) / npix - mean**2
-    std = np.sqrt(np.maximum(var, 0.0))
+    return mean, np.sqrt(np.maximum(var, 0.0))
+
+
+def _write_manifest(out_dir: Path, rows: list[dict], num_classes: int) -> None:
+    """Write the rows (one per sample) as OUT_DIR/manifest.parquet, atomically."""
     table = pa.table(
         {
-            "key": pa.array(keys, pa.string()),
+            "key": pa.array([row["key"] for row in rows], pa.string()),
             "shard": pa.array([row["shard"] for row in rows], pa.string()),
             "width": pa.array([row["width"] for row in rows], pa.int32()),
             "height": pa.array([row["height"] for row in rows], pa.int32()),
@@ -366,17 +404,33 @@ def _finalize(
     tmp = out_dir / f".{MANIFEST}.tmp-{os.getpid()}"
     pq.write_table(table, tmp)
     os.replace(tmp, out_dir / MANIFEST)
-    info = {
+
+
+def _dataset_info(
+    prefix: str,
+    parts: list[dict],
+    rows: list[dict],
+    skipped: list[dict],
+    *,
+    dataset: str,
+    classes: Sequence[str],
+    downscale: float,
+) -> dict:
+    """The content of dataset.json: the build's settings, shards and statistics."""
+    class_pixels = np.array([row["class_pixels"] for row in rows], dtype=np.int64).sum(axis=0)
+    total = float(class_pixels.sum())
+    mean, std = _pixel_stats(parts)
+    return {
         "format_version": FORMAT_VERSION,
         "dataset": dataset,
         "split": prefix,
         "classes": list(classes),
         "ignore_index": IGNORE_INDEX,
         "num_samples": len(rows),
-        "shards": names,
+        "shards": [part["shard"] for part in parts],
         "shard_sizes": [len(part["rows"]) for part in parts],
         "class_pixels": class_pixels.tolist(),
-        "class_frequency": (class_pixels / total).tolist() if total else [0.0] * num_classes,
+        "class_frequency": (class_pixels / total).tolist() if total else [0.0] * len(classes),
         "ignore_pixels": int(sum(row["ignore_pixels"] for row in rows)),
         "image_mean": (mean / 255.0).tolist(),  # RGB in [0, 1], after any downscale
         "image_std": (std / 255.0).tolist(),
@@ -387,6 +441,26 @@ def _finalize(
             "skipped_reasons": skipped,
         },
     }
+
+
+def _finalize(
+    out_dir: Path,
+    prefix: str,
+    parts: list[dict],
+    *,
+    dataset: str,
+    classes: Sequence[str],
+    downscale: float,
+) -> BuildResult:
+    """Check the parts' samples, drop stale shards, write manifest.parquet and (last)
+    dataset.json; return the result with written/reused/changed left at 0 for the caller."""
+    rows = [row for part in parts for row in part["rows"]]
+    skipped = [s for part in parts for s in part["skipped"]]
+    _check_rows(out_dir, [row["key"] for row in rows], skipped)
+    names = [part["shard"] for part in parts]
+    _remove_stale_shards(out_dir, prefix, names)
+    info = _dataset_info(prefix, parts, rows, skipped, dataset=dataset, classes=classes, downscale=downscale)
+    _write_manifest(out_dir, rows, len(classes))
     _atomic_write_text(out_dir / DATASET_JSON, json.dumps(info, indent=1) + "\n")
     return BuildResult(out_dir, len(rows), names, 0, 0, [s["key"] for s in skipped])
 

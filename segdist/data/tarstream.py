@@ -69,6 +69,78 @@ def _pax_records(data: bytes) -> dict[str, str]:
     return records
 
 
+def _c_string(field: bytes) -> str:
+    """A NUL-terminated (or NUL-padded) UTF-8 header field as text."""
+    return field.split(b"\0", 1)[0].decode("utf-8")
+
+
+def _parse_header(header: bytes) -> tuple[str, int, bytes] | None:
+    """(name, size in bytes, type flag) of one header block as read; None at the end of the
+    archive (nothing left, or a zero block). TarFormatError for a short block, a bad
+    checksum or a gzip stream."""
+    if not header:
+        return None
+    if len(header) < BLOCK:
+        raise TarFormatError(f"truncated header ({len(header)} of {BLOCK} bytes)")
+    if header == _ZERO_BLOCK:
+        return None
+    if not _checksum_ok(header):
+        if header[:2] == b"\x1f\x8b":
+            raise TarFormatError("compressed (gzip) shard; shards must be plain .tar")
+        raise TarFormatError("bad header checksum (corrupt data)")
+    name = _c_string(header[:100])
+    if header[257:262] == b"ustar":
+        prefix = _c_string(header[345:500])
+        if prefix:
+            name = f"{prefix}/{name}"
+    return name, _number(header[124:136]), header[156:157]
+
+
+class _ChunkReader:
+    """A binary stream read `chunk_size` bytes at a time: buf[pos:] is read but not yet parsed.
+    A member larger than what is buffered is read straight from the stream (one copy)."""
+
+    __slots__ = ("stream", "chunk_size", "buf", "pos")
+
+    def __init__(self, stream: BinaryIO, chunk_size: int) -> None:
+        self.stream = stream
+        self.chunk_size = chunk_size
+        self.buf, self.pos = b"", 0
+
+    def _fill(self, n: int) -> None:
+        """Make at least n unparsed bytes available (or all that is left)."""
+        avail = len(self.buf) - self.pos
+        if avail < n:
+            more = _read_exact(self.stream, max(self.chunk_size, n - avail))
+            self.buf, self.pos = self.buf[self.pos :] + more, 0
+
+    def header(self) -> bytes:
+        """The next header block: BLOCK bytes, fewer only at the end of the stream."""
+        self._fill(BLOCK)
+        header = self.buf[self.pos : self.pos + BLOCK]
+        self.pos += len(header)
+        return header
+
+    def member(self, name: str, size: int) -> bytes:
+        """The next `size` bytes (member `name`'s data), skipping its padding to the next
+        block. TarFormatError if the data or padding is cut short."""
+        avail = len(self.buf) - self.pos
+        if size > avail:  # more than is buffered: the rest straight from the stream (one copy)
+            data = self.buf[self.pos :] + _read_exact(self.stream, size - avail)
+            self.buf, self.pos = b"", 0
+            if len(data) < size:
+                raise TarFormatError(f"member {name!r} truncated ({len(data)} of {size} bytes)")
+        else:
+            data = self.buf[self.pos : self.pos + size]
+            self.pos += size
+        padding = -size % BLOCK
+        self._fill(padding)
+        if len(self.buf) - self.pos < padding:
+            raise TarFormatError(f"member {name!r} truncated (padding)")
+        self.pos += padding
+        return data
+
+
 def iter_tar(stream: BinaryIO, chunk_size: int = CHUNK) -> Iterator[tuple[str, bytes]]:
     """(member name, data) of every regular file, in archive order.
 
@@ -80,54 +152,19 @@ def iter_tar(stream: BinaryIO, chunk_size: int = CHUNK) -> Iterator[tuple[str, b
     with a wrong checksum, or a compressed stream. A missing end-of-archive marker is
     tolerated (as tarfile does); callers that know the expected count check it.
     """
-    buf, pos = b"", 0  # buf[pos:] is read but not yet parsed
+    reader = _ChunkReader(stream, chunk_size)
     long_name: str | None = None
     pax: dict[str, str] = {}
-
-    def fill(n: int) -> None:  # make at least n unparsed bytes available (or all that is left)
-        nonlocal buf, pos
-        if len(buf) - pos < n:
-            buf, pos = buf[pos:] + _read_exact(stream, max(chunk_size, n - (len(buf) - pos))), 0
-
     while True:
-        fill(BLOCK)
-        header = buf[pos : pos + BLOCK]
-        pos += len(header)
-        if not header:
+        parsed = _parse_header(reader.header())
+        if parsed is None:
             return
-        if len(header) < BLOCK:
-            raise TarFormatError(f"truncated header ({len(header)} of {BLOCK} bytes)")
-        if header == _ZERO_BLOCK:
-            return
-        if not _checksum_ok(header):
-            if header[:2] == b"\x1f\x8b":
-                raise TarFormatError("compressed (gzip) shard; shards must be plain .tar")
-            raise TarFormatError("bad header checksum (corrupt data)")
-        name = header[:100].split(b"\0", 1)[0].decode("utf-8")
-        if header[257:262] == b"ustar":
-            prefix = header[345:500].split(b"\0", 1)[0].decode("utf-8")
-            if prefix:
-                name = f"{prefix}/{name}"
-        size = _number(header[124:136])
-        kind = header[156:157]
+        name, size, kind = parsed
         if "size" in pax:
             size = int(pax["size"])
-        avail = len(buf) - pos
-        if size > avail:  # more than is buffered: the rest straight from the stream (one copy)
-            data = buf[pos:] + _read_exact(stream, size - avail)
-            buf, pos = b"", 0
-            if len(data) < size:
-                raise TarFormatError(f"member {name!r} truncated ({len(data)} of {size} bytes)")
-        else:
-            data = buf[pos : pos + size]
-            pos += size
-        padding = -size % BLOCK
-        fill(padding)
-        if len(buf) - pos < padding:
-            raise TarFormatError(f"member {name!r} truncated (padding)")
-        pos += padding
+        data = reader.member(name, size)
         if kind == b"L":  # GNU long name for the next member
-            long_name = data.split(b"\0", 1)[0].decode("utf-8")
+            long_name = _c_string(data)
             continue
         if kind == b"x":  # pax header for the next member
             pax = _pax_records(data)

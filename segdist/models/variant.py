@@ -41,6 +41,7 @@ lists the valid tokens.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from segdist.errors import SegdistError
@@ -159,72 +160,129 @@ class _Parse:
         """Read one token (and maybe the next); returns how many were read."""
         number, gpus = _NUMBERED_RE.match(token), _GPU_RE.match(token)
         if number:
-            key, value = _NUMBERED[number.group(1)], int(number.group(2))
-            if value <= 0 and key != "edgemix_radius":
-                raise self.bad(token, "non-positive number in")
-            self.put(key, float(value) if key in ("lr_mult", "epoch_scale") else value, token)
-        elif gpus:
-            if int(gpus.group(1)) < 1:
-                raise self.bad(token, "non-positive number in")
-            self.put("workers", int(gpus.group(1)), token)
-        elif token in NEUTRAL_TOKENS:
+            return self._read_numbered(token, number)
+        if gpus:
+            return self._read_gpus(token, gpus)
+        read = _TOKEN_READERS.get(token)
+        if read is None:
+            raise self.bad(token)
+        return read(self, token, after)
+
+    # Each _read_* reads one group of tokens and returns how many tokens it read: its docstring
+    # lists the tokens, then that count (2: it read the next token, `after`, too).
+
+    def _read_numbered(self, token: str, number: re.Match[str]) -> int:
+        """lrN, scaleN (floats), sizeS, imagesizeS, bsN (positive ints), rN (any int): 1."""
+        key, value = _NUMBERED[number.group(1)], int(number.group(2))
+        if value <= 0 and key != "edgemix_radius":
+            raise self.bad(token, "non-positive number in")
+        self.put(key, float(value) if key in ("lr_mult", "epoch_scale") else value, token)
+        return 1
+
+    def _read_gpus(self, token: str, gpus: re.Match[str]) -> int:
+        """Ngpu (workers, at least 1): 1."""
+        if int(gpus.group(1)) < 1:
+            raise self.bad(token, "non-positive number in")
+        self.put("workers", int(gpus.group(1)), token)
+        return 1
+
+    def _read_marker(self, token: str, after: str | None) -> int:
+        """Markers (deeplabv2, py, msf, randomresizefix) and switches (newcode, full, aug): 1."""
+        if token in NEUTRAL_TOKENS:
             if token == "randomresizefix":
                 self.fields["randomresizefix"] = True
-        elif token in ("newcode", "full", "aug"):
+        else:
             self.fields[token] = True
-        elif token in ("cs", "voc"):
-            self.put("dataset", "cityscapes" if token == "cs" else "voc", token)
-            self.flags.add(token)
-        elif token in ("naked", "aspp", "gcn"):
-            self.decoders.append(token)
-        elif token == "resnet101":
-            self.decoders.append("plain")
-        elif token == "fpn":
-            if after in ("standard", "bilinear"):
-                self.decoders.append(f"fpn.{after}")
-                return 2
-            self.decoders.append("fpn")
-        elif token == "fpnstandard":
-            self.decoders.append("fpn.standard")
-        elif token == "learnable":
-            if after != "sobel":
-                raise self.bad(token, "'learnable' must be followed by 'sobel':")
-            self.flags.add("learnable")
+        return 1
+
+    def _read_dataset(self, token: str, after: str | None) -> int:
+        """cs or voc: 1."""
+        self.put("dataset", "cityscapes" if token == "cs" else "voc", token)
+        self.flags.add(token)
+        return 1
+
+    def _read_decoder(self, token: str, after: str | None) -> int:
+        """naked, aspp, gcn, resnet101 (plain), fpnstandard, fpn: 1; fpn.standard, fpn.bilinear: 2."""
+        if token == "fpn" and after in ("standard", "bilinear"):
+            self.decoders.append(f"fpn.{after}")
             return 2
-        elif token in LEARNABLE_KINDS:
+        self.decoders.append(_DECODER_TOKENS[token])
+        return 1
+
+    def _read_learnable(self, token: str, after: str | None) -> int:
+        """learnable.sobel: 2 (`learnable` alone is an error)."""
+        if after != "sobel":
+            raise self.bad(token, "'learnable' must be followed by 'sobel':")
+        self.flags.add("learnable")
+        return 2
+
+    def _read_sobel_option(self, token: str, after: str | None) -> int:
+        """A Sobel module's kind (channelcross, ...), formula (1order, 2order, sqrt, square),
+        relu or sobelinit: 1."""
+        if token in LEARNABLE_KINDS:
             self.put("learnable_sobel", token, token)
-        elif token in ("1order", "2order", "sqrt", "square"):
-            self.put("sobel_form", token, token)
         elif token == "relu":
             self.fields["sobel_relu"] = True
             self.flags.add(token)
         elif token == "sobelinit":
             self.fields["sobel_init"] = "sobel"
             self.flags.add(token)
-        elif token == "sobel":
-            if after == "head":
-                self.fixed.append("stem")
-                return 2
-            self.fixed.extend(_FIXED_SOBEL["sobel"])
-        elif token in _FIXED_SOBEL:
-            self.fixed.extend(_FIXED_SOBEL[token])
-        elif token == "edge":
-            if after == "learnable":
-                self.fields["edge_family"] = True
-            elif after == "conv3":
-                self.put("edge_input", "conv3", "edge.conv3")
-                return 2
-            else:
-                self.put("edge_input", "add", token)
-        elif token == "edgescale":
-            self.put("edge_input", "scale", token)
-        elif token in ("spk", "spk4"):
-            self.put("spk", 2 if token == "spk" else 4, token)
-        elif token in ("trimap", "edgemix"):
-            self.put("label_mode", token, token)
         else:
-            raise self.bad(token)
+            self.put("sobel_form", token, token)
         return 1
+
+    def _read_fixed_sobel(self, token: str, after: str | None) -> int:
+        """sobel, sobellast, sobel-res234: 1; sobel.head: 2."""
+        if token == "sobel" and after == "head":
+            self.fixed.append("stem")
+            return 2
+        self.fixed.extend(_FIXED_SOBEL[token])
+        return 1
+
+    def _read_edge(self, token: str, after: str | None) -> int:
+        """edge (the Canny input, or the script family before learnable), edgescale: 1; edge.conv3: 2."""
+        if token == "edgescale":
+            self.put("edge_input", "scale", token)
+        elif after == "learnable":
+            self.fields["edge_family"] = True
+        elif after == "conv3":
+            self.put("edge_input", "conv3", "edge.conv3")
+            return 2
+        else:
+            self.put("edge_input", "add", token)
+        return 1
+
+    def _read_output(self, token: str, after: str | None) -> int:
+        """spk, spk4 (SPK on the logits) or trimap, edgemix (the label mode): 1."""
+        if token in ("spk", "spk4"):
+            self.put("spk", 2 if token == "spk" else 4, token)
+        else:
+            self.put("label_mode", token, token)
+        return 1
+
+
+# The decoder each decoder token names (fpn.standard, fpn.bilinear: _Parse._read_decoder).
+_DECODER_TOKENS = {
+    "naked": "naked",
+    "aspp": "aspp",
+    "gcn": "gcn",
+    "resnet101": "plain",
+    "fpn": "fpn",
+    "fpnstandard": "fpn.standard",
+}
+# How _Parse.token reads each literal token (numbered ones, lrN ... Ngpu, are matched first).
+_TOKEN_READERS: dict[str, Callable[[_Parse, str, str | None], int]] = {
+    **dict.fromkeys((*NEUTRAL_TOKENS, "newcode", "full", "aug"), _Parse._read_marker),
+    **dict.fromkeys(("cs", "voc"), _Parse._read_dataset),
+    **dict.fromkeys(_DECODER_TOKENS, _Parse._read_decoder),
+    "learnable": _Parse._read_learnable,
+    **dict.fromkeys(
+        (*LEARNABLE_KINDS, "1order", "2order", "sqrt", "square", "relu", "sobelinit"), _Parse._read_sobel_option
+    ),
+    **dict.fromkeys(_FIXED_SOBEL, _Parse._read_fixed_sobel),
+    **dict.fromkeys(("edge", "edgescale"), _Parse._read_edge),
+    **dict.fromkeys(("spk", "spk4", "trimap", "edgemix"), _Parse._read_output),
+}
 
 
 def parse_variant(name: str) -> Variant:
