@@ -45,6 +45,8 @@ class EpochReport:
         training function started on this rank; a new value means the worker group restarted.
     pictures: the final evaluation's pictures are saved beside this report's checkpoint
         (folder `train.PICTURES_DIR`).
+    diverged: why training stopped in this epoch with a non-finite loss (train.TrainingDiverged),
+        "" otherwise; a diverged trial's last report (its metrics NaN) and a result, not a fault.
     """
 
     epoch: int
@@ -53,6 +55,7 @@ class EpochReport:
     history: list[tuple[int, dict[str, float]]] = field(default_factory=list)
     worker_started_at: float = 0.0
     pictures: bool = False
+    diverged: str = ""
 
     def result(self) -> dict[str, Any]:
         """The Tune result: {"epoch", **metrics, REPORT_KEY: this report as JSON}."""

@@ -3,7 +3,8 @@ callback (segdist.tracking), the study runner's exit status and the report.
 
     finished       its last report is the last epoch's: the trial has a headline value
     stopped_early  ended without an error before its last epoch (ASHA screening stopped it)
-    diverged       raised segdist.train.TrainingDiverged (a non-finite loss): a result, not a fault
+    diverged       a non-finite loss (segdist.train.TrainingDiverged): its last report says so
+                   (EpochReport.diverged) or its error names it; a result, not a fault
     failed         any other error, retries included (Ray Train's max_failures)
 
 Only `finished` trials enter the seed statistics; the others are counted in the report.
@@ -13,14 +14,19 @@ from __future__ import annotations
 
 from typing import Any
 
+from segdist.epoch_report import REPORT_KEY, EpochReport
+
 FINISHED, STOPPED_EARLY, DIVERGED, FAILED = "finished", "stopped_early", "diverged", "failed"
 
 
 def trial_outcome(last_result: dict[str, Any] | None, epochs: int, error: object = None) -> str:
-    """The outcome of a trial from its last reported metrics (None: it reported nothing), its
+    """The outcome of a trial from its last Tune result (None: it reported nothing), its
     recipe's epoch count and the error Tune gave it (None or "" when it ended cleanly; any
     object, read as text: Ray wraps the worker's exception)."""
     text = str(error or "")
     if text:
         return DIVERGED if "TrainingDiverged" in text else FAILED
-    return FINISHED if (last_result or {}).get("epoch", -1) >= epochs - 1 else STOPPED_EARLY
+    last = last_result or {}
+    if REPORT_KEY in last and EpochReport.from_result(last).diverged:
+        return DIVERGED
+    return FINISHED if last.get("epoch", -1) >= epochs - 1 else STOPPED_EARLY

@@ -62,7 +62,7 @@ COMMON = {
     "train.channels_last": False,
     "train.on_bad_sample": "raise",
     "train.on_nan": "stop",
-    "train.max_failures": 0,
+    "train.max_failures": 3,  # worker-group restarts from the last checkpoint (lost workers, preemptions)
     "eval.boundary_kernels": (),
     "resources.workers": 1,
     "resources.cpus_per_worker": 1,
@@ -129,7 +129,7 @@ DEEPLAB = {
 SMOKE = {
     "model.depth": 18, "model.width": 4, "model.pretrained": None,
     "train.epochs": 1, "train.batch_size": 2, "train.crop_size": (32, 32), "train.epoch_scale": 1.0,
-    "train.precision": "fp32", "train.channels_last": False, "train.max_failures": 0, "train.dataset": None,
+    "train.precision": "fp32", "train.channels_last": False, "train.dataset": None,
     "train.lr_steps": (),
     "resources.workers": 1, "resources.cpus_per_worker": 1, "resources.gpus_per_worker": 0.0,
 }  # fmt: skip

@@ -33,7 +33,7 @@ from ray.tune import Callback
 
 from segdist.epoch_report import EpochReport, Fact
 from segdist.errors import SegdistError
-from segdist.outcome import trial_outcome
+from segdist.outcome import DIVERGED, trial_outcome
 
 DEFAULT_STORE = "mlflow.db"
 PARENT_TAG = "mlflow.parentRunId"
@@ -492,6 +492,8 @@ class MlflowTrialCallback(Callback):
 
     @never_raises
     def on_trial_start(self, iteration, trials, trial, **info):
+        if trial.trial_id in self.runs:  # Tune restarted it after an error (its FailureConfig): same run
+            return
         config = trial.config["trial"]
         key = config["trial_key"]
         previous = self.existing.get(key)
@@ -520,6 +522,8 @@ class MlflowTrialCallback(Callback):
         self.worker_starts.setdefault(trial.trial_id, set()).add(round(report.worker_started_at, 3))
         # A restarted worker group resumes after its last checkpoint: never log an epoch twice.
         if epoch <= self.last_epoch.get(trial.trial_id, -1):
+            if report.diverged:  # nothing to log, but the trial's outcome
+                self.last_result[trial.trial_id] = result
             return
         if trial.trial_id in self.reopened and trial.trial_id not in self.last_result:
             # Ray Train continued the trial from its checkpoint: record where.
@@ -578,8 +582,11 @@ class MlflowTrialCallback(Callback):
         restarts = max(len(self.worker_starts.get(trial.trial_id, ())) - 1, 0)
         self.tracker.log_metrics(handle, {"trial_wall_s": elapsed, "trial_train_s": elapsed - startup,
                                           "worker_restarts": restarts}, step=0)
-        self.tracker.set_tags(handle, {STATUS_TAG: outcome})
-        self.tracker.finish(handle, "FINISHED")
+        tags = {STATUS_TAG: outcome}
+        if outcome == DIVERGED:  # its last report says why
+            tags["segdist.error"] = EpochReport.from_result(self.last_result[trial.trial_id]).diverged
+        self.tracker.set_tags(handle, tags)
+        self.tracker.finish(handle, "FAILED" if outcome == DIVERGED else "FINISHED")
 
     @never_raises
     def on_trial_error(self, iteration, trials, trial, **info):

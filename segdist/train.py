@@ -49,7 +49,11 @@ Report = Callable[[EpochReport, dict[str, Any] | None], None]
 
 
 class TrainingDiverged(RuntimeError):
-    """The loss became NaN or infinite."""
+    """The loss became NaN or infinite in epoch `epoch` (every rank raises it at the same step)."""
+
+    def __init__(self, epoch: int, message: str):
+        super().__init__(message)
+        self.epoch = epoch
 
 
 def segmentation_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -109,7 +113,8 @@ class EpochStats:
 def train_one_epoch(model, loader, optimizer, scheduler, options: StepOptions, epoch: int) -> EpochStats:
     """One epoch: per step the loss, its gradients, the recipe's L2 term and multipliers
     (segdist.optim.apply_gradient_rules), the optimizer and the schedule. A non-finite loss
-    raises TrainingDiverged at once, or, with `skip_nan_steps`, drops that step (its
+    (checked every LOSS_CHECK_EVERY steps and at the end, agreed over the ranks so that all
+    raise together) raises TrainingDiverged, or, with `skip_nan_steps`, drops that step (its
     gradients, all-reduced, are non-finite on every rank alike) and counts it.
 
     A step whose crops have no labelled pixel on any rank (all void: small crops at image
@@ -149,11 +154,12 @@ def train_one_epoch(model, loader, optimizer, scheduler, options: StepOptions, e
         optimizer.step()
         scheduler.step()
         running += loss.detach()
-        if not options.skip_nan_steps and steps % LOSS_CHECK_EVERY == 0 and not torch.isfinite(running):
-            raise TrainingDiverged(f"loss is not finite in epoch {epoch} by step {steps}")
+        if (not options.skip_nan_steps and steps % LOSS_CHECK_EVERY == 0
+                and any_rank(not bool(torch.isfinite(running)), options.flag_group)):
+            raise TrainingDiverged(epoch, f"loss is not finite in epoch {epoch} by step {steps}")
     mean_loss = float(running) / max(steps - skipped - void, 1)
-    if not math.isfinite(mean_loss):
-        raise TrainingDiverged(f"loss is not finite in epoch {epoch}")
+    if any_rank(not math.isfinite(mean_loss), options.flag_group):
+        raise TrainingDiverged(epoch, f"loss is not finite in epoch {epoch}")
     return EpochStats(mean_loss, steps, skipped, void)
 
 
@@ -356,7 +362,9 @@ def fit(
 
 
 def ray_train_loop(config: dict[str, Any]) -> None:
-    """Ray Train's train_loop_per_worker: resume from Ray's checkpoint, report through Ray."""
+    """Ray Train's train_loop_per_worker: resume from Ray's checkpoint, report through Ray. A
+    diverged trial ends with a report that says so (EpochReport.diverged), not an error: Ray
+    Train would retry an error from the last checkpoint, where the same data diverges again."""
     import ray.train
     import ray.train.torch
 
@@ -380,11 +388,8 @@ def ray_train_loop(config: dict[str, Any]) -> None:
             torch.save(state, Path(directory) / CHECKPOINT_FILE)
             ray.train.report(epoch_report.result(), checkpoint=ray.train.Checkpoint.from_directory(directory))
 
-    fit(
-        trial,
-        rank=context.get_world_rank(),
-        world_size=context.get_world_size(),
-        device=ray.train.torch.get_device(),
-        report=report,
-        resume=resume,
-    )
+    try:
+        fit(trial, rank=context.get_world_rank(), world_size=context.get_world_size(),
+            device=ray.train.torch.get_device(), report=report, resume=resume)
+    except TrainingDiverged as err:  # every rank raises it at the same step: every rank reports
+        report(EpochReport(err.epoch, {"val_miou": math.nan, "train_loss": math.nan}, diverged=str(err)), None)

@@ -35,6 +35,9 @@ from segdist.errors import SegdistError, exit_on_user_error
 from segdist.outcome import FAILED, FINISHED, trial_outcome
 from segdist.recipe import show
 
+STORAGE_ENV = "SEGDIST_STORAGE"  # where checkpoints and Tune state go when --storage is not given
+RAY_JOB_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"  # set by Ray in the driver of a `ray job submit`
+TRIAL_RETRIES = 2  # Tune-level retries of a trial; its worker group's own are train.max_failures
 DEFAULT_SPACE = Path(__file__).resolve().parent.parent / "tune_spaces" / "quickstart.yaml"
 SMOKE_SHARDS = ("shards/smoke/train", "shards/smoke/val")
 
@@ -380,6 +383,9 @@ def run_study(study: StudyConfig, args: argparse.Namespace, tracking_uri: str, s
         ),
         run_config=ray.tune.RunConfig(
             name="tune", storage_path=storage, callbacks=[callback], verbose=1,
+            # A trial whose own task died (its node lost before its Train controller started,
+            # or the controller itself): run_trial again, which continues from the checkpoint.
+            failure_config=ray.tune.FailureConfig(max_failures=TRIAL_RETRIES),
         ),
     )
     results = tuner.fit()

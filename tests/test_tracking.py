@@ -515,6 +515,48 @@ def test_an_errored_trial_is_diverged_or_failed(tmp_path, uri, error_msg, file_t
     assert run.data.tags["segdist.error"] == (error_msg or file_text or "")
 
 
+def test_a_diverged_trial_ends_as_diverged_from_its_last_report(tmp_path, uri):
+    """segdist.train.ray_train_loop reports a divergence instead of raising it (Ray Train would
+    retry an error from the checkpoint): the run is FAILED, tagged diverged with the reason,
+    and keeps the epochs before."""
+    uri, tracker, callback, config = study(tmp_path, uri)
+    trial = FakeTrial("t0", config)
+    callback.on_trial_start(0, [], trial)
+    callback.on_trial_result(1, [], trial, result(0, 0.5))
+    reason = "loss is not finite in epoch 1 by step 10"
+    diverged = EpochReport(1, {"val_miou": math.nan, "train_loss": math.nan}, worker_started_at=1000.0,
+                           diverged=reason)
+    callback.on_trial_result(2, [], trial, diverged.result())
+    callback.on_trial_complete(3, [], trial)
+    client = MlflowClient(tracking_uri=uri)
+    run_id = tracker.run_ids[config["trial"]["trial_key"]]
+    run = client.get_run(run_id)
+    assert run.data.tags[STATUS_TAG] == DIVERGED and run.info.status == "FAILED"
+    assert run.data.tags["segdist.error"] == reason
+    assert steps_of(client, run_id, "val_miou") == [(0, 0.5)]
+
+
+def test_a_trial_tune_runs_again_keeps_its_run_and_its_start(tmp_path, uri):
+    """Tune's FailureConfig restarts a trial whose task died: on_trial_start comes again for
+    the same trial. One run, its wall time from the first start, the restart counted."""
+    uri, tracker, callback, config = study(tmp_path, uri)
+    trial = FakeTrial("t0", config)
+    callback.on_trial_start(0, [], trial)
+    started = callback.started_at["t0"]
+    callback.on_trial_result(1, [], trial, result(0, 0.5))
+    callback.on_trial_start(2, [], trial)
+    callback.on_trial_result(3, [], trial, result(1, 0.6, started_at=2000.0, history=[history_entry(0, 0.5)]))
+    callback.on_trial_result(4, [], trial, result(2, 0.7, started_at=2000.0))
+    callback.on_trial_complete(5, [], trial)
+    assert callback.started_at["t0"] == started and not tracker.pending
+    client = MlflowClient(tracking_uri=uri)
+    runs = client.search_runs([tracker.experiment_id],
+                              filter_string=f"tags.`{PARENT_TAG}` = '{tracker.parent_run_id}'")
+    assert len(runs) == 1
+    assert steps_of(client, runs[0].info.run_id, "val_miou") == [(0, 0.5), (1, 0.6), (2, 0.7)]
+    assert runs[0].data.metrics["worker_restarts"] == 1 and runs[0].data.tags[STATUS_TAG] == FINISHED
+
+
 def test_an_error_message_reaches_mlflow_without_secrets_and_shortened(tmp_path, uri, monkeypatch):
     monkeypatch.setenv("SEGDIST_TEST_API_TOKEN", "s3cr3t-value-123")
     uri, tracker, callback, config = study(tmp_path, uri)

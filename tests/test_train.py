@@ -101,8 +101,9 @@ def test_an_original_recipe_resumes_exactly(tiny_shards):
 
 
 def test_a_nan_loss_stops_the_trial(tiny_shards):
-    with pytest.raises(TrainingDiverged):
+    with pytest.raises(TrainingDiverged) as raised:
         run(tiny_trial(*tiny_shards, lr=1e12, epochs=1))
+    assert raised.value.epoch == 0 and "not finite in epoch 0" in str(raised.value)
 
 
 def test_skip_policy_drops_nan_steps_and_counts_them(tiny_shards):
