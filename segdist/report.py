@@ -155,9 +155,16 @@ def study_table(client: MlflowClient, experiment_id: str, parent_run_id: str, me
     if decisions is None:
         decisions = load_decisions(client, parent_run_id)
     for row in rows:
-        row.decision = decisions.get(row.config_id, {}).get("stop_reason", "")
+        row.decision = decision_text(decisions.get(row.config_id, {}))
     header, body = table_rows(rows, metric, find_baseline(rows, baseline))
     return format_table(header, body, fmt)
+
+
+def decision_text(decided: dict) -> str:
+    """The "seeds stopped because" cell of one configuration's seed decisions
+    (seeds.SeedScheduler.decisions): why its seeds stopped, and which seed replaced which."""
+    replaced = [f"failed seed {seed} replaced by seed {new}" for seed, new in decided.get("replaced_seeds", {}).items()]
+    return "; ".join(part for part in (decided.get("stop_reason", ""), *replaced) if part)
 
 
 def load_decisions(client: MlflowClient, parent_run_id: str) -> dict:

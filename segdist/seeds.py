@@ -5,6 +5,11 @@ round has finished, a configuration gets one more seed only if its 95% interval 
 wider than the target and still overlaps the best configuration's interval (the best one
 keeps going until its own interval is narrow enough), up to `max_seeds`. So compute goes where
 the ranking is still uncertain. Every stop has a reason, for the report.
+
+A seed whose trial failed for good (an error after its retries, not a divergence or an ASHA
+stop, which are results) leaves no hole: under adaptive seeds the next round runs the next
+seed in its place, outside the `max_seeds` budget (at most `max_seeds` replacements per
+configuration), and the decisions say which seed replaced which.
 """
 
 from __future__ import annotations
@@ -24,12 +29,18 @@ POINTS = 100.0
 class ConfigSeeds:
     config: TrialConfig
     values: dict[int, float] = field(default_factory=dict)  # seed -> final metric
-    failed: set[int] = field(default_factory=set)
+    failed: set[int] = field(default_factory=set)  # no value: failed, diverged or stopped early
+    faults: set[int] = field(default_factory=set)  # of those, failed for good (an error)
+    replaced: dict[int, int] = field(default_factory=dict)  # failed seed -> the seed run in its place
     stop_reason: str | None = None
 
     @property
     def tried(self) -> int:
-        return len(self.values) + len(self.failed)
+        """Seeds counted against max_seeds: a replaced failure is not."""
+        return len(self.values) + len(self.failed) - len(self.replaced)
+
+    def unreplaced_fault(self) -> int | None:
+        return min(self.faults - set(self.replaced), default=None)
 
     def next_seed(self) -> int:
         used = set(self.values) | self.failed
@@ -62,12 +73,15 @@ class SeedScheduler:
         self.running.add(trial_key(trial))
         return trial
 
-    def record(self, trial: TrialConfig, value: float | None) -> None:
-        """A trial ended: its final metric, or None if it failed, diverged or was stopped."""
+    def record(self, trial: TrialConfig, value: float | None, fault: bool = False) -> None:
+        """A trial ended: its final metric, or None if it failed, diverged or was stopped;
+        `fault`: it failed for good (outcome.FAILED), so adaptive seeds replace it."""
         self.running.discard(trial_key(trial))
         state = self.configs[trial.config_id]
         if value is None:
             state.failed.add(trial.seed)
+            if fault:
+                state.faults.add(trial.seed)
         else:
             state.values[trial.seed] = value
 
@@ -82,6 +96,7 @@ class SeedScheduler:
             config_id: {
                 "seeds": sorted(state.values),
                 "failed_seeds": sorted(state.failed),
+                "replaced_seeds": {str(seed): new for seed, new in sorted(state.replaced.items())},
                 "stop_reason": state.stop_reason or "fixed seeds",
             }
             for config_id, state in self.configs.items()
@@ -98,6 +113,11 @@ class SeedScheduler:
         best = max(ranked, key=lambda s: summaries[s.config.config_id].mean, default=None)
         for state in open_configs:
             summary = summaries[state.config.config_id]
+            fault = state.unreplaced_fault()
+            if fault is not None and len(state.replaced) < self.policy.max_seeds:
+                state.replaced[fault] = state.next_seed()
+                self.queue.append(with_seed(state.config, state.replaced[fault]))
+                continue
             if state.tried >= self.policy.max_seeds:
                 state.stop_reason = f"reached max seeds ({self.policy.max_seeds})"
                 continue

@@ -296,8 +296,9 @@ def make_searcher(scheduler, storage: str):
             trial = self.live.pop(trial_id, None)
             if trial is None:
                 return
-            finished = trial_outcome(result, trial.recipe.train.epochs, "error" if error else None) == FINISHED
-            scheduler.record(trial, result.get(HEADLINE_METRIC) if finished else None)
+            outcome = trial_outcome(result, trial.recipe.train.epochs, "error" if error else None)
+            scheduler.record(trial, result.get(HEADLINE_METRIC) if outcome == FINISHED else None,
+                             fault=outcome == FAILED)
 
     return SeedSearcher()
 

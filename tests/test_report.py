@@ -38,3 +38,12 @@ def test_labels_name_the_variant_once_and_the_searched_values():
     assert config_label({"model.variant": "naked.fpn", "overrides": "model.variant=naked.fpn train.lr=0.01"}) \
         == "naked.fpn train.lr=0.01"
     assert config_label({"model.variant": "naked", "overrides": ""}) == "naked"
+
+
+def test_the_decision_says_which_seed_replaced_a_failed_one():
+    from segdist.report import decision_text
+
+    decided = {"stop_reason": "95% CI half-width 0.50 <= 1", "replaced_seeds": {"1": 3}}
+    assert decision_text(decided) == "95% CI half-width 0.50 <= 1; failed seed 1 replaced by seed 3"
+    assert decision_text({"stop_reason": "fixed seeds"}) == "fixed seeds"
+    assert decision_text({}) == ""

@@ -61,3 +61,38 @@ def test_finished_trials_of_a_resumed_study_are_not_run_again():
     done = {trial_key(with_seed(configs[0], 0)): 0.5}
     ran = drain(SeedScheduler(configs, policy, finished=done), lambda c, s: 0.5)
     assert (0, 0) not in ran and len(ran) == 3
+
+
+def run_with_faults(scheduler, value_of, faulty):
+    """Drain the scheduler; seeds in `faulty` fail for good (outcome.FAILED)."""
+    ran = []
+    while not scheduler.done():
+        trial = scheduler.next_trial()
+        ran.append(trial.seed)
+        scheduler.record(trial, None if trial.seed in faulty else value_of(trial.seed), fault=trial.seed in faulty)
+    return ran
+
+
+def test_a_seed_that_failed_for_good_is_replaced_by_the_next_under_adaptive_seeds():
+    configs, policy = configs_and_policy({"min": 2, "max": 3, "ci_halfwidth": 5.0}, n_configs=1)
+    scheduler = SeedScheduler(configs, policy)
+    ran = run_with_faults(scheduler, lambda s: 0.5 + 0.001 * s, faulty={1})
+    assert ran == [0, 1, 2]  # seed 2 in place of 1; two values then meet the interval target
+    decision = scheduler.decisions()[configs[0].config_id]
+    assert decision["replaced_seeds"] == {"1": 2}
+    assert decision["seeds"] == [0, 2] and decision["failed_seeds"] == [1]
+
+
+def test_replacements_are_bounded_when_every_seed_fails():
+    configs, policy = configs_and_policy({"min": 2, "max": 3, "ci_halfwidth": 0.001}, n_configs=1)
+    scheduler = SeedScheduler(configs, policy)
+    ran = run_with_faults(scheduler, lambda s: 0.5, faulty=set(range(100)))
+    assert len(ran) == 6  # max_seeds tries plus at most max_seeds replacements
+    assert "max seeds" in scheduler.decisions()[configs[0].config_id]["stop_reason"]
+
+
+def test_fixed_seeds_keep_a_failed_seed_as_a_failure():
+    configs, policy = configs_and_policy([0, 1, 2], n_configs=1)
+    scheduler = SeedScheduler(configs, policy)
+    assert run_with_faults(scheduler, lambda s: 0.5, faulty={1}) == [0, 1, 2]
+    assert scheduler.decisions()[configs[0].config_id]["replaced_seeds"] == {}
