@@ -94,6 +94,18 @@ def sqlite_path(uri: str) -> Path | None:
     return Path(os.path.abspath(path))
 
 
+def local_store_path(uri: str) -> Path | None:
+    """Where on this machine a tracking store keeps its runs: the database of a sqlite:///
+    URI, the folder of a file: URI or bare path (resolved against the working directory);
+    None for a server or another database."""
+    uri = absolute_store_uri(uri)
+    if uri.startswith("sqlite:"):
+        return sqlite_path(uri)
+    if uri.startswith("file:"):
+        return Path(urllib.parse.unquote(urllib.parse.urlparse(uri).path))
+    return Path(uri) if uri.startswith("/") else None
+
+
 def check_reachable(uri: str, timeout_s: float = 5.0) -> None:
     """Fail with one line before any compute when the tracking store cannot be used."""
     if uri.startswith(("http://", "https://")):

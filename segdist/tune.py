@@ -58,7 +58,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "sqlite:///./mlflow.db")
     parser.add_argument("--storage", default=None,
                         help="checkpoints and trial state: a local or NFS path, or an s3:// / gs:// "
-                        "URI (default: ./ray_results); every node must reach it")
+                        "URI (default: SEGDIST_STORAGE, else ./ray_results); every node must reach it")
     parser.add_argument("--resume", action="store_true",
                         help="continue the latest unfinished run of this study")
     parser.add_argument("--smoke", action="store_true",
@@ -169,6 +169,30 @@ def prepare_crf_smoke(grid):
     save_probabilities(model, loader, folder, info.classes, torch.device("cpu"), scales=e.scales, flip=e.flip,
                        tile_size=e.tile, meta={"variant": SMOKE_CRF_VARIANT, "smoke": True})
     return dataclasses.replace(grid, name=f"{grid.name}-smoke", probabilities=str(folder), workers=1)
+
+
+def resolve_stores(tracking_uri: str | None, storage: str | None) -> tuple[str, str]:
+    """(MLflow tracking URI, storage for checkpoints and Tune state) from --tracking-uri and
+    --storage, else the environment (MLFLOW_TRACKING_URI, SEGDIST_STORAGE: what the cluster
+    YAMLs give the head's Ray processes, so a `ray job submit` without flags finds them),
+    else ./mlflow.db and ./ray_results. Each checked before any compute: unreachable or not
+    writable, or, inside a Ray job, under the job's working directory (a temporary copy Ray
+    deletes with the job), raises SegdistError."""
+    from segdist.tracking import check_reachable, local_store_path, resolve_tracking_uri
+
+    tracking_uri = resolve_tracking_uri(tracking_uri)
+    storage = storage or os.environ.get(STORAGE_ENV) or None
+    if RAY_JOB_ENV in os.environ:
+        local_storage = None if storage and "://" in storage else Path(storage or "ray_results").resolve()
+        lost = [name for name, path in (("MLflow store", local_store_path(tracking_uri)), ("storage", local_storage))
+                if path is not None and path.resolve().is_relative_to(Path.cwd().resolve())]
+        if lost:
+            raise SegdistError(
+                f"inside a Ray job the working directory {Path.cwd()} is a temporary copy that Ray deletes: the "
+                f"{' and the '.join(lost)} would be lost with it; start the head's Ray with MLFLOW_TRACKING_URI "
+                f"and {STORAGE_ENV} in its environment (cluster/*.yaml do) or pass --tracking-uri and --storage")
+    check_reachable(tracking_uri)
+    return tracking_uri, resolve_storage(storage)
 
 
 def resolve_storage(storage: str | None) -> str:
@@ -418,11 +442,7 @@ def main(argv: list[str] | None = None) -> int:
         print(describe_trials(smoke_study(study, *SMOKE_SHARDS) if args.smoke else study))
         return 0
 
-    from segdist.tracking import check_reachable, resolve_tracking_uri
-
-    tracking_uri = resolve_tracking_uri(args.tracking_uri)
-    check_reachable(tracking_uri)
-    storage_root = resolve_storage(args.storage)
+    tracking_uri, storage_root = resolve_stores(args.tracking_uri, args.storage)
     study = prepare_smoke(study) if args.smoke else study
     prepare_data(study)
     prepare_weights(study)
@@ -455,7 +475,7 @@ def run_crf_study(args: argparse.Namespace) -> int:
     parameter set, each an MLflow child run of the study's parent run."""
     from segdist.crf import load_crf_grid, run_crf_grid
     from segdist.epoch_report import EpochReport
-    from segdist.tracking import STATUS_TAG, StudyTracker, check_reachable, resolve_tracking_uri
+    from segdist.tracking import STATUS_TAG, StudyTracker
 
     grid = load_crf_grid(args.space)
     if args.smoke and not (args.dry_run or args.explain):
@@ -467,9 +487,7 @@ def run_crf_study(args: argparse.Namespace) -> int:
             print("  " + " ".join(f"{k}={v:g}" for k, v in dataclasses.asdict(params).items()), flush=True)
     if args.dry_run:
         return 0
-    tracking_uri = resolve_tracking_uri(args.tracking_uri)
-    check_reachable(tracking_uri)
-    storage = resolve_storage(args.storage)
+    tracking_uri, storage = resolve_stores(args.tracking_uri, args.storage)
     connect_ray(args.address)
     tracker = StudyTracker(tracking_uri, grid.name, grid.name)
     tracker.log_text("study", Path(grid.path).read_text(), "study.yaml")

@@ -131,19 +131,20 @@ class LoopbackCluster:
     def dashboard(self) -> str:
         return f"http://127.0.0.1:{self.dashboard_port}"
 
-    def _start(self, *args: str) -> str:
+    def _start(self, *args: str, env: dict | None = None) -> str:
         # Short temp dirs: raylet socket paths must stay under the AF_UNIX length limit.
         temp = tempfile.mkdtemp(prefix="rn-", dir="/tmp")
         self.temp_dirs.append(temp)
         result = subprocess.run([self.ray, "start", *args, "--node-ip-address=127.0.0.1", "--num-cpus=1",
                                  "--disable-usage-stats", f"--temp-dir={temp}"],
-                                env=self.env, capture_output=True, text=True, timeout=180)
+                                env={**self.env, **(env or {})}, capture_output=True, text=True, timeout=180)
         assert result.returncode == 0, result.stderr[-2000:]
         return temp
 
-    def start_head(self) -> str:
+    def start_head(self, env: dict | None = None) -> str:
+        """`env`: more environment for the head's Ray processes (what a cluster YAML exports)."""
         return self._start("--head", f"--port={self.gcs_port}", "--dashboard-host=127.0.0.1",
-                           f"--dashboard-port={self.dashboard_port}")
+                           f"--dashboard-port={self.dashboard_port}", env=env)
 
     def add_node(self) -> str:
         return self._start(f"--address={self.address}")

@@ -218,6 +218,18 @@ def test_head_starts_mlflow_with_sqlite_and_shared_artifacts(prepared):
     assert '--artifacts-destination "$artifacts"' in script
 
 
+def test_the_heads_ray_tells_a_job_where_mlflow_and_the_storage_are(prepared):
+    """`ray job submit -- python -m segdist.tune` without flags: the job's driver inherits the
+    head's Ray environment, which names the MLflow server setup_head.sh starts and the shared
+    storage (segdist.tune.resolve_stores reads them)."""
+    name, config = prepared
+    (head_start,) = [cmd for cmd in config["head_start_ray_commands"] if "ray start --head" in cmd]
+    exported = head_start.split(";")[0]
+    assert exported.startswith("export ") and "MLFLOW_TRACKING_URI=http://127.0.0.1:5000" in exported
+    storage = re.search(r"SEGDIST_STORAGE=(\S+)", exported).group(1)
+    assert storage.startswith({"local": "/shared/", "aws": "s3://"}[name]) and "ray_results" in storage
+
+
 def test_aws_security_group_opens_nothing_but_what_ray_adds_for_ssh():
     """ray up creates the group with SSH from anywhere plus all traffic from the group itself;
     any extra rule here would widen that, so none is allowed, and no node brings its own group

@@ -1,5 +1,6 @@
 """`python -m segdist.tune` refuses bad input with one line and exit 2, before training."""
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -10,8 +11,8 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def tune(*args, cwd):
-    return subprocess.run([sys.executable, "-m", "segdist.tune", *args], cwd=cwd,
+def tune(*args, cwd, env=None):
+    return subprocess.run([sys.executable, "-m", "segdist.tune", *args], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=300)
 
 
@@ -80,6 +81,43 @@ def test_unreachable_mlflow_server(tmp_path):
     space = write(tmp_path / "s.yaml", {})
     result = tune("--space", str(space), "--tracking-uri", "http://127.0.0.1:9", cwd=tmp_path)
     assert_one_line_error(result, "http://127.0.0.1:9", "unreachable")
+
+
+@pytest.mark.parametrize("flags, lost", [
+    ((), "the MLflow store and the storage would be lost"),
+    (("--tracking-uri", "http://127.0.0.1:9"), "the storage would be lost"),  # refused before it is tried
+    (("--storage", "OUTSIDE"), "the MLflow store would be lost"),
+])
+def test_inside_a_ray_job_no_store_goes_into_the_jobs_temporary_copy(tmp_path, flags, lost):
+    """`ray job submit -- python -m segdist.tune` runs in a copy of the working directory that
+    Ray deletes with the job: a default store there would vanish with every run in it."""
+    job = tmp_path / "job"  # what Ray makes of --working-dir
+    job.mkdir()
+    space = write(job / "s.yaml", {})
+    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "SEGDIST_STORAGE")}
+    env["RAY_JOB_CONFIG_JSON_ENV_VAR"] = "{}"  # what Ray sets in a job's driver
+    flags = [str(tmp_path / "outside") if flag == "OUTSIDE" else flag for flag in flags]
+    result = tune("--space", str(space), *flags, cwd=job, env=env)
+    assert_one_line_error(result, "inside a Ray job", lost, "MLFLOW_TRACKING_URI", "SEGDIST_STORAGE")
+    assert sorted(p.name for p in job.iterdir()) == ["s.yaml"]  # nothing written there
+
+
+def test_the_environment_names_the_stores_when_no_flag_does(tmp_path, monkeypatch):
+    """What the cluster YAMLs give the head's Ray processes reaches a job without flags;
+    flags win over the environment."""
+    from segdist.tune import resolve_stores
+
+    job, shared = tmp_path / "job", tmp_path / "shared"
+    job.mkdir()
+    shared.mkdir()
+    monkeypatch.chdir(job)
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{shared / 'mlflow.db'}")
+    monkeypatch.setenv("SEGDIST_STORAGE", str(shared / "ray_results"))
+    assert resolve_stores(None, None) == (f"sqlite:///{shared / 'mlflow.db'}", str(shared / "ray_results"))
+    assert resolve_stores(f"sqlite:///{shared / 'other.db'}", str(shared / "mine")) == (
+        f"sqlite:///{shared / 'other.db'}", str(shared / "mine"))
+    assert sorted(p.name for p in shared.iterdir()) == ["mine", "ray_results"]
 
 
 @pytest.mark.integration

@@ -1,6 +1,7 @@
 """A tiny study end to end: real local Ray (2 DDP workers per trial) and the real MLflow
 store, then the same through `ray job submit` on a head + worker node on 127.0.0.1."""
 
+import json
 import subprocess
 import sys
 import time
@@ -67,9 +68,13 @@ def test_tiny_study_on_local_ray_is_recorded_in_mlflow(tmp_path, tiny_shards):
 
 
 def test_ray_job_submit_on_two_nodes_with_token_auth(tmp_path, tiny_shards, mlflow_server, loopback_cluster):
+    """The card's command verbatim: the head's Ray is started as cluster/*.yaml start it, with
+    the MLflow server and the storage in its environment; `ray job submit -- python -m
+    segdist.tune --space FILE` with no other flag records there. A job whose environment
+    names neither is refused in one line, before any compute."""
     space = write_study(tmp_path / "tiny.yaml", *tiny_shards)
     cluster = loopback_cluster
-    cluster.start_head()
+    cluster.start_head(env={"MLFLOW_TRACKING_URI": mlflow_server, "SEGDIST_STORAGE": str(tmp_path / "ray_results")})
     cluster.add_node()  # 1 CPU each: the trial's two DDP workers span both nodes
 
     # The job server refuses a wrong token and a request without one.
@@ -93,15 +98,24 @@ def test_ray_job_submit_on_two_nodes_with_token_auth(tmp_path, tiny_shards, mlfl
     while not agent_ready() and time.time() < deadline:
         time.sleep(3)
 
-    job = subprocess.run(
-        [cluster.ray, "job", "submit", "--address", cluster.dashboard, "--working-dir", str(ROOT), "--",
-         sys.executable, "-m", "segdist.tune", "--space", str(space),
-         "--tracking-uri", mlflow_server, "--storage", str(tmp_path / "ray_results")],
-        env=cluster.env, capture_output=True, text=True, timeout=900,
-    )
+    def submit(*extra: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [cluster.ray, "job", "submit", "--address", cluster.dashboard, "--working-dir", str(ROOT), *extra,
+             "--", sys.executable, "-m", "segdist.tune", "--space", str(space)],
+            env=cluster.env, capture_output=True, text=True, timeout=900,
+        )
+
+    unset = json.dumps({"env_vars": {"MLFLOW_TRACKING_URI": "", "SEGDIST_STORAGE": ""}})
+    refused = submit("--runtime-env-json", unset)
+    assert refused.returncode != 0
+    assert "segdist: error: inside a Ray job the working directory" in refused.stdout + refused.stderr
+    assert "Traceback" not in refused.stdout + refused.stderr
+
+    job = submit()
     assert job.returncode == 0, job.stdout[-4000:] + job.stderr[-2000:]
     assert "2 trials" in job.stdout
     assert_study_recorded(MlflowClient(mlflow_server))
+    assert (tmp_path / "ray_results" / "tiny").is_dir()  # checkpoints and Tune state on the storage
 
 
 def test_asha_screening_runs_and_stopped_trials_are_counted_not_averaged(tmp_path, tiny_shards):
