@@ -37,7 +37,10 @@ from segdist.recipe import show
 
 STORAGE_ENV = "SEGDIST_STORAGE"  # where checkpoints and Tune state go when --storage is not given
 RAY_JOB_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"  # set by Ray in the driver of a `ray job submit`
-TRIAL_RETRIES = 2  # Tune-level retries of a trial; its worker group's own are train.max_failures
+# Tune-level retries of a trial; its worker group's own are train.max_failures. Tune cannot tell
+# a dead task from a worker error that used up max_failures, which it retries too: an error
+# that persists costs (max_failures + 1) x (TRIAL_RETRIES + 1) attempts, so this stays at 1.
+TRIAL_RETRIES = 1
 DEFAULT_SPACE = Path(__file__).resolve().parent.parent / "tune_spaces" / "quickstart.yaml"
 SMOKE_SHARDS = ("shards/smoke/train", "shards/smoke/val")
 
