@@ -40,6 +40,14 @@ def no_tracking_env(monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
 
 
+SHARDS: list[str] = []  # the tiny data set's (train, val) shard folders: trial_params reads dataset.json
+
+
+@pytest.fixture(autouse=True)
+def shards(tiny_shards):
+    SHARDS[:] = [str(path) for path in tiny_shards]
+
+
 @pytest.fixture(scope="module")
 def blank_db(tmp_path_factory) -> Path:
     """An MLflow sqlite store with its tables made (seconds each time): tests start from copies."""
@@ -67,7 +75,9 @@ def steps_of(client: MlflowClient, run_id: str, key: str) -> list[tuple[int, flo
 
 def trial_config(storage: str, epochs: int = 3, seed: int = 0) -> dict:
     """A trial's Tune config exactly as segdist.tune builds it (trial_params)."""
-    study = parse_study({"name": "track", "train": {"epochs": epochs}, "seeds": [seed]}, "study.yaml")
+    train_shards, val_shards = SHARDS
+    study = parse_study({"name": "track", "train": {"epochs": epochs}, "seeds": [seed],
+                         "data": {"train_shards": train_shards, "val_shards": val_shards}}, "study.yaml")
     return trial_params(with_seed(expand_configs(study)[0], seed), storage)
 
 
