@@ -113,7 +113,12 @@ def test_a_killed_driver_resumes_without_rerunning_finished_trials(tmp_path, tin
         return (done, started) if done and started else None
 
     try:
-        (done,), _ = wait_until(first_done_second_started, timeout=400, what="trial 1 done, trial 2 at epoch 0")
+        try:
+            (done,), _ = wait_until(first_done_second_started, timeout=900, what="trial 1 done, trial 2 at epoch 0")
+        except TimeoutError:
+            os.killpg(process.pid, signal.SIGKILL)
+            raise AssertionError("trial 1 done, trial 2 at epoch 0 never seen; the driver said:\n"
+                                 + process.communicate(timeout=60)[0][-6000:]) from None
         os.killpg(process.pid, signal.SIGKILL)  # the driver and the local Ray it started
         process.wait(timeout=60)
     finally:
