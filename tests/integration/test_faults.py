@@ -22,18 +22,28 @@ SLOW_EPOCHS = {"epochs": 3, "batch_size": 2, "crop_size": 40, "scale_range": [0.
 
 
 def start_tune(space: Path, cwd: Path, *extra: str, env=None) -> subprocess.Popen:
+    """The study's driver, its output in `cwd/driver-N.log`: a pipe nobody reads until the
+    end fills up (64 KiB) and blocks the driver's prints, and with them its Tune loop."""
     environment = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    environment.update(env or {})
-    return subprocess.Popen(
-        [sys.executable, "-m", "segdist.tune", "--space", str(space), *extra],
-        cwd=cwd, env=environment, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        start_new_session=True,  # its own process group: the test can kill it with its local Ray
-    )
+    environment.update(env or {}, PYTHONUNBUFFERED="1")
+    log = cwd / f"driver-{len(list(cwd.glob('driver-*.log')))}.log"
+    with log.open("w") as out:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "segdist.tune", "--space", str(space), *extra],
+            cwd=cwd, env=environment, stdout=out, stderr=subprocess.STDOUT, text=True,
+            start_new_session=True,  # its own process group: the test can kill it with its local Ray
+        )
+    process.log = log
+    return process
+
+
+def driver_output(process: subprocess.Popen) -> str:
+    return process.log.read_text(errors="replace")
 
 
 def finish(process: subprocess.Popen, timeout: float = 600) -> tuple[int, str]:
-    output, _ = process.communicate(timeout=timeout)
-    return process.returncode, output
+    process.wait(timeout=timeout)
+    return process.returncode, driver_output(process)
 
 
 def trial_runs(client: MlflowClient, experiment: str):
@@ -117,8 +127,9 @@ def test_a_killed_driver_resumes_without_rerunning_finished_trials(tmp_path, tin
             (done,), _ = wait_until(first_done_second_started, timeout=900, what="trial 1 done, trial 2 at epoch 0")
         except TimeoutError:
             os.killpg(process.pid, signal.SIGKILL)
+            process.wait(timeout=60)
             raise AssertionError("trial 1 done, trial 2 at epoch 0 never seen; the driver said:\n"
-                                 + process.communicate(timeout=60)[0][-6000:]) from None
+                                 + driver_output(process)[-6000:]) from None
         os.killpg(process.pid, signal.SIGKILL)  # the driver and the local Ray it started
         process.wait(timeout=60)
     finally:
