@@ -30,7 +30,7 @@ import torch
 from segdist.boundary import DEFAULT_KERNELS, check_kernels
 from segdist.crf import CrfParams, CrfPool
 from segdist.errors import SegdistError, exit_on_user_error
-from segdist.evaluation.checkpoint import check_classes_match, load_checkpoint, model_from_checkpoint
+from segdist.evaluation.checkpoint import check_classes_match, load_model
 from segdist.evaluation.folders import CITYSCAPES_PRED_IDS, score_folders
 from segdist.evaluation.loop import evaluate_split, save_probabilities
 from segdist.evaluation.results import Accumulator, EvalResult, summarize
@@ -233,10 +233,10 @@ def _run_checkpoint(args) -> dict[str, Any]:
     crf = _check_checkpoint_args(args)
     device = _pick_device(args.device)
     info = read_dataset_info(args.shards)
-    model, trial, classes = model_from_checkpoint(load_checkpoint(args.checkpoint), args.checkpoint)
+    trained = load_model(args.checkpoint, device=device)
+    model, trial, classes = trained.model, trained.trial, trained.classes
     check_classes_match(classes, info, args.checkpoint)
     options = _evaluation_options(args, trial.recipe.eval)
-    model = model.to(device).eval()
     loader = val_loader(
         info, rank=0, world_size=1, loader_workers=args.loader_workers,
         edges=bool(getattr(model, "needs_edges", False)), with_keys=True,

@@ -7,7 +7,7 @@ import importlib
 import pytest
 
 COMMANDS = ["segdist.tune", "segdist.report", "segdist.evaluate", "segdist.shards", "segdist.bench.__main__",
-            "segdist.models.__main__"]
+            "segdist.models.__main__", "segdist.predict"]
 
 
 class _Parsed(Exception):

@@ -10,6 +10,9 @@ last. Its `needs_image` (read before each sample) asks the loop for the RGB imag
 
 DenseCRF is a sink too: CrfPostProcessor runs it on each sample's probabilities, scores its
 labels in its own Accumulator and passes the CRF-labelled samples on to the sink after it.
+
+segdist.predict hands its unlabelled images (label None) to the same writers
+(PredictionPngWriter, OverlayWriter), through a CrfPostProcessor without scores for --crf.
 """
 
 from __future__ import annotations
@@ -18,9 +21,11 @@ import collections
 import dataclasses
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 
 from segdist.crf import CrfParams, CrfPool, write_sample
 from segdist.evaluation.folders import write_prediction_png
@@ -36,14 +41,15 @@ class Sample:
       a CrfPostProcessor passes on.
     pred: int64 [H, W] on the device: the MSF argmax, or the CRF labels after a CrfPostProcessor.
     image: uint8 RGB [H, W, 3] (numpy) when the sink's needs_image was true for it, else None.
-    label: int64 [H, W] ground truth on the device (255: not scored).
+    label: int64 [H, W] ground truth on the device (255: not scored); None for images
+      without labels (segdist.predict).
     """
 
     key: str
     probs: torch.Tensor | None
     pred: torch.Tensor
     image: np.ndarray | None
-    label: torch.Tensor
+    label: torch.Tensor | None
 
 
 class PredictionSink:
@@ -112,6 +118,24 @@ class PredictionPngWriter(PredictionSink):
         write_prediction_png(self.folder, sample.key, _uint8(sample.pred), self.dataset)
 
 
+class OverlayWriter(PredictionSink):
+    """Writes every prediction as <folder>/<key>.png: an RGB picture of the class colours
+    (VOC colour map) blended over the image (segdist.visualize.overlay, alpha 0.55)."""
+
+    needs_image = True
+
+    def __init__(self, folder: str | os.PathLike):
+        from segdist.visualize import overlay  # matplotlib: only when overlays are asked for
+
+        self.folder = Path(folder)
+        self._overlay = overlay
+
+    def add(self, sample: Sample) -> None:
+        path = self.folder / f"{sample.key}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(self._overlay(sample.image, _uint8(sample.pred)), mode="RGB").save(path)
+
+
 class ExampleCollector(PredictionSink):
     """Keeps the first `count` samples as (key, rgb uint8 [H, W, 3], gt uint8 [H, W],
     pred uint8 [H, W]) in `examples`, for segdist.visualize.overlays_png."""
@@ -135,11 +159,14 @@ class CrfPostProcessor(PredictionSink):
     2 x pool.workers samples wait for their CRF at a time.
 
     result(before) is then the CRF's EvalResult, with before.confusion as before_crf.
+    With scores None (images without labels, segdist.predict) nothing is scored and the
+    CRF labels are on the CPU.
     """
 
     needs_image = True
 
-    def __init__(self, pool: CrfPool, params: CrfParams, scores: Accumulator, then: PredictionSink | None = None):
+    def __init__(self, pool: CrfPool, params: CrfParams, scores: Accumulator | None,
+                 then: PredictionSink | None = None):
         self.pool = pool
         self.params = params
         self.scores = scores
@@ -164,8 +191,10 @@ class CrfPostProcessor(PredictionSink):
     def _drain(self, keep: int) -> None:
         while len(self._pending) > keep:
             future, key, image, label = self._pending.popleft()
-            pred = torch.from_numpy(future.result()).to(device=label.device, dtype=torch.int64)
-            self.scores.add(pred, label)
+            device = label.device if label is not None else "cpu"
+            pred = torch.from_numpy(future.result()).to(device=device, dtype=torch.int64)
+            if self.scores is not None and label is not None:
+                self.scores.add(pred, label)
             if self.then is not None:
                 self.then.add(Sample(key, None, pred, image, label))
 
