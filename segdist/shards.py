@@ -54,7 +54,10 @@ def _add_build_source_arguments(p: argparse.ArgumentParser) -> None:
         "benchmark_RELEASE for sbd train/val; the folder holding leftImg8bit/ and gtFine/ for cityscapes",
     )
     p.add_argument("--split", required=True, help="split name, e.g. train, val (VOC/SBD also train_aug)")
-    p.add_argument("--out", required=True, help="output folder, e.g. shards/voc/train")
+    p.add_argument("--out", required=True,
+                   help="output folder, e.g. shards/voc/train, or a URI such as s3://bucket/shards/voc/train "
+                   "(built in a temporary local folder, then uploaded, dataset.json last; credentials "
+                   "and AWS_ENDPOINT_URL from the environment)")
     p.add_argument(
         "--sbd-root",
         default=None,
@@ -193,7 +196,7 @@ def _cmd_build(args) -> int:
         more = f" and {len(result.skipped_keys) - 10} more" if len(result.skipped_keys) > 10 else ""
         print(
             f"skipped {len(result.skipped_keys)} bad sample(s): {shown}{more} "
-            f"(reasons in {os.path.join(args.out, 'dataset.json')})"
+            f"(reasons in {args.out.rstrip('/')}/dataset.json)"
         )
     return 0
 

@@ -199,15 +199,13 @@ def resolve_stores(tracking_uri: str | None, storage: str | None) -> tuple[str, 
 
 
 def resolve_storage(storage: str | None) -> str:
-    """A local/NFS folder (created) or a pyarrow URI; checked before any training."""
+    """A local/NFS folder (created) or a pyarrow URI (s3://, gs://, ...); checked before any
+    training: a URI must take a small probe object from this process (its bucket exists, the
+    environment's credentials are accepted, the server answers), else SegdistError naming it."""
     if storage and "://" in storage:
-        import pyarrow.fs
+        from segdist.storage import check_writable
 
-        try:
-            filesystem, path = pyarrow.fs.FileSystem.from_uri(storage)
-            filesystem.get_file_info(path)
-        except Exception as err:  # noqa: BLE001 - pyarrow raises several kinds
-            raise SegdistError(f"storage {storage} is unreachable: {str(err).splitlines()[0]}") from None
+        check_writable(storage)
         return storage
     folder = Path(storage or "ray_results").resolve()
     try:
@@ -217,6 +215,17 @@ def resolve_storage(storage: str | None) -> str:
     if not os.access(folder, os.W_OK):
         raise SegdistError(f"storage {folder}: not writable")
     return str(folder)
+
+
+def check_stores_from_nodes(study: StudyConfig, storage: str) -> None:
+    """After connecting to Ray: every alive node must write the storage and read every
+    split's dataset.json when they are URIs (s3://...): the driver reaching them says nothing
+    of nodes with other credentials or networks. SegdistError naming the node and URI."""
+    from segdist.data.sample import DATASET_JSON
+    from segdist.storage import check_from_nodes
+
+    splits = {study.data.val_shards, *(config.data.train_shards for config in expand_configs(study))}
+    check_from_nodes([storage], [f"{split.rstrip('/')}/{DATASET_JSON}" for split in sorted(splits)])
 
 
 def trial_params(trial: TrialConfig, storage: str) -> dict[str, Any]:
@@ -452,6 +461,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.time()
     connect_ray(args.address)
     check_resources_fit(study)
+    check_stores_from_nodes(study, storage_root)
     print(describe_trials(study), flush=True)
     table, errors, callback, unsent = run_study(study, args, tracking_uri, storage_root)
     print()

@@ -200,3 +200,96 @@ def loopback_cluster():
         yield cluster
     finally:
         cluster.shutdown()
+
+
+AWS_VARIABLES = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL",
+                 "AWS_ENDPOINT_URL_S3", "AWS_DEFAULT_REGION", "AWS_REGION", "AWS_PROFILE")
+
+
+class S3Server:
+    """A moto S3 server on 127.0.0.1 that checks every request's credentials (IAM on), with
+    one IAM user allowed everything: its key id and secret are the test's credentials."""
+
+    def __init__(self, log: Path):
+        self.port = free_port()
+        self.endpoint = f"http://127.0.0.1:{self.port}"
+        env = {k: v for k, v in os.environ.items() if k not in AWS_VARIABLES}
+        env["INITIAL_NO_AUTH_ACTION_COUNT"] = "3"  # the 3 IAM calls of _make_user, then every request is checked
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
+            stdout=open(log, "wb"), stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        try:
+            self._wait_listening()
+            self.key_id, self.secret = self._make_user()
+        except BaseException:
+            self.stop()
+            raise
+
+    def _wait_listening(self, timeout_s: float = 60) -> None:
+        deadline = time.time() + timeout_s
+        while time.time() < deadline:  # a TCP connect: an HTTP request would use up an unauthenticated call
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+                return
+            except OSError:
+                if self.process.poll() is not None:
+                    raise RuntimeError(f"moto server exited with {self.process.returncode}") from None
+                time.sleep(0.3)
+        raise TimeoutError(f"moto server on {self.endpoint} did not listen within {timeout_s} s")
+
+    def _make_user(self) -> tuple[str, str]:
+        import json
+
+        import boto3
+
+        iam = boto3.client("iam", endpoint_url=self.endpoint, region_name="us-east-1",
+                           aws_access_key_id="bootstrap", aws_secret_access_key="bootstrap")
+        iam.create_user(UserName="segdist")
+        key = iam.create_access_key(UserName="segdist")["AccessKey"]
+        allow_all = {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "*", "Resource": "*"}]}
+        iam.put_user_policy(UserName="segdist", PolicyName="all", PolicyDocument=json.dumps(allow_all))
+        return key["AccessKeyId"], key["SecretAccessKey"]
+
+    def client(self):
+        import boto3
+
+        return boto3.client("s3", endpoint_url=self.endpoint, region_name="us-east-1",
+                            aws_access_key_id=self.key_id, aws_secret_access_key=self.secret)
+
+    @property
+    def env(self) -> dict[str, str]:
+        """The standard AWS variables that reach this server with the allowed user."""
+        return {"AWS_ACCESS_KEY_ID": self.key_id, "AWS_SECRET_ACCESS_KEY": self.secret,
+                "AWS_ENDPOINT_URL": self.endpoint, "AWS_DEFAULT_REGION": "us-east-1"}
+
+    def stop(self) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait(timeout=30)
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """One moto S3 server (`moto[server]`, the test extra) for the session, stopped by PID."""
+    server = S3Server(tmp_path_factory.mktemp("moto") / "moto.log")
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def s3(s3_server, monkeypatch):
+    """A fresh bucket on the session's S3 server and the AWS_* environment that reaches it
+    (monkeypatched: subprocesses inherit it). Yields the server; `s3.bucket` is the bucket."""
+    for name in AWS_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    for name, value in s3_server.env.items():
+        monkeypatch.setenv(name, value)
+    bucket = "segdist-" + os.urandom(4).hex()
+    s3_server.client().create_bucket(Bucket=bucket)
+    s3_server.bucket = bucket
+    yield s3_server

@@ -5,6 +5,14 @@ loader is built with the crop and scale range given on the command line, not fro
     folder_per_s         the same samples read with the VOC reader from the folder, same
                          decode and transforms
     decode_limit_per_s   bare JPEG + PNG decode of the same bytes, already in memory (the limit)
+
+With --remote URI (s3://bucket/prefix; credentials and AWS_ENDPOINT_URL from the
+environment) the same shards are uploaded there and streamed from there too, timed by the
+wall clock (waiting on the network counts) in turns with the local shards:
+
+    remote_wall_per_s    train_loader over URI, in-process, samples per wall-clock second
+    local_wall_per_s     the same over the local shards, in the same rounds
+    remote_vs_local      per round, then the median
 """
 
 from __future__ import annotations
@@ -53,6 +61,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--work-dir", default=None, help="where to put generated data and shards (default: a temp dir)"
     )
+    p.add_argument(
+        "--remote", default=None, metavar="URI",
+        help="also upload the shards to this folder URI (e.g. s3://bucket/bench) and time streaming them "
+        "from there against the local ones, by wall clock (credentials and AWS_ENDPOINT_URL from the environment)",
+    )
 
 
 def run(args) -> dict:
@@ -73,7 +86,47 @@ def _measure(args) -> dict:
         root, source, info = _source_and_shards(args, tmp)
         samples = info.num_samples // args.batch_size * args.batch_size
         rates = cpu_timed_rounds(_readers(args, source, info, samples), args.repeats)
-    return _figures(args, rates, root, samples)
+        figures = _figures(args, rates, root, samples)
+        if args.remote:
+            figures.update(_remote_figures(args, info, samples))
+    return figures
+
+
+def _remote_figures(args, info, samples: int) -> dict:
+    """Upload the shards of `info` to --remote, then stream `samples` samples from there and
+    from the local folder in turns (a warm-up pass each), timed by the wall clock."""
+    import time
+
+    from segdist.data.sample import DATASET_JSON
+    from segdist.data.stream import read_dataset_info, train_loader
+    from segdist.data.transforms import TrainTransform
+    from segdist.storage import check_writable, upload_folder
+
+    check_writable(args.remote, "--remote")
+    upload_folder(info.root, args.remote, last=DATASET_JSON)
+    remote = read_dataset_info(args.remote)
+    transform = TrainTransform(args.crop, tuple(args.scale_range))
+
+    def stream(which) -> int:
+        loader = train_loader(which, transform=transform, batch_size=args.batch_size,
+                              batches_per_epoch=samples // args.batch_size, seed=0, epoch=0, rank=0, world_size=1,
+                              loader_workers=0)
+        return sum(images.shape[0] for images, _ in loader)
+
+    rates: dict[str, list[float]] = {"remote": [], "local": []}
+    stream(remote), stream(info)
+    for _ in range(args.repeats):
+        for name, which in (("remote", remote), ("local", info)):
+            start = time.perf_counter()
+            n = stream(which)
+            rates[name].append(n / (time.perf_counter() - start))
+    return {
+        "remote_wall_per_s": round(median(rates["remote"]), 1),
+        "local_wall_per_s": round(median(rates["local"]), 1),
+        "remote_vs_local": round(median([r / b for r, b in zip(rates["remote"], rates["local"], strict=True)]), 3),
+        "remote": args.remote,
+        "remote_timer": "wall clock, one thread, rounds in turns",
+    }
 
 
 def _source_and_shards(args, tmp: str):

@@ -22,6 +22,11 @@ the path, size and modification time of every file each sample is read from (Sou
 build_shards a hash of the samples it was given. Any other shard is rewritten. Tars are
 reproducible (fixed mtime, sorted members).
 
+OUT_DIR may be a URI (s3://bucket/shards/train, gs://...; segdist.storage): the build then
+runs in a local temporary folder (under TMPDIR) and the finished folder is uploaded, shards
+and manifest.parquet first and dataset.json last, so a reader never sees a partial build. A
+re-run to a URI builds everything again (the resumable bookkeeping stays local).
+
 Two entry points: `build_shards` (any iterable of Samples, one process) and
 `build_from_source` (a picklable source with keys()/load(key)/files(key), many processes,
 on-bad policy, optional downscale). `shards_up_to_date` tells, without writing, whether
@@ -37,8 +42,10 @@ import itertools
 import json
 import multiprocessing
 import os
+import posixpath
 import re
 import signal
+import tempfile
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -61,6 +68,7 @@ from segdist.data.sample import (
     invalid_label_lut,
 )
 from segdist.errors import SegdistError
+from segdist.storage import is_remote
 
 # 2: labels as KEY.label.zst (1: KEY.png palette PNGs; still read). A re-run rebuilds older shards.
 FORMAT_VERSION = 2
@@ -86,7 +94,7 @@ class Source(Protocol):
 
 @dataclass
 class BuildResult:
-    out_dir: Path
+    out_dir: Path | str  # a str for a URI
     num_samples: int
     shards: list[str]
     written: int  # shards written by this call
@@ -488,6 +496,22 @@ def _settings(dataset: str, classes: Sequence[str], downscale: float, shard_size
     }
 
 
+def _build_remote(build: Callable[..., BuildResult], first, out_dir: str, prefix: str | None,
+                  **kwargs) -> BuildResult:
+    """Run `build(first, LOCAL, prefix=..., **kwargs)` into a temporary local folder, then
+    upload it to the folder URI `out_dir` (dataset.json last). SegdistError naming the URI
+    when it cannot be written (checked before building)."""
+    from segdist.storage import check_writable, upload_folder
+
+    check_writable(out_dir, "shard folder")
+    prefix = prefix or posixpath.basename(out_dir.rstrip("/"))
+    with tempfile.TemporaryDirectory(prefix="segdist-shards-") as tmp:
+        result = build(first, os.path.join(tmp, prefix), prefix=prefix, **kwargs)
+        upload_folder(result.out_dir, out_dir, last=DATASET_JSON)
+    result.out_dir = out_dir
+    return result
+
+
 # ----------------------------------------------------------------------------- one process
 
 
@@ -514,7 +538,11 @@ def build_shards(
     finished shard only if the hash, keys and settings all match (result.changed counts
     the shards rewritten for a different hash). The iterable is consumed in full on every
     run; build_from_source instead stats the files and loads only the shards it rewrites.
+    OUT_DIR may be a URI (module docstring).
     """
+    if is_remote(out_dir):
+        return _build_remote(build_shards, samples, str(out_dir), prefix, dataset=dataset, classes=classes,
+                             max_samples_per_shard=max_samples_per_shard, downscale=downscale, on_bad=on_bad)
     out = Path(out_dir)
     prefix = prefix or out.name
     _check_common(classes, max_samples_per_shard, downscale, on_bad)
@@ -659,8 +687,13 @@ def build_from_source(
     st_mtime_ns recorded when it was written; otherwise it is rewritten (counted in
     result.changed when only the files differ). progress(done, total) is called after
     every shard. SegdistError for a source without files(), no keys or a key listed twice.
+    OUT_DIR may be a URI (module docstring).
     """
     _check_common(classes, shard_size, downscale, on_bad)
+    if is_remote(out_dir):
+        return _build_remote(build_from_source, source, str(out_dir), prefix, dataset=dataset, classes=classes,
+                             shard_size=shard_size, workers=workers, downscale=downscale, on_bad=on_bad,
+                             progress=progress)
     out, prefix, settings, chunks, names = _plan(source, out_dir, prefix, dataset, classes, downscale, shard_size)
     _prepare_out_dir(out, prefix)
     parts: dict[str, dict] = {}

@@ -1,7 +1,8 @@
 """Stream shards into training and validation batches.
 
 Where the shards live: a local folder, a file:// URL, http(s)://, or any URL pyarrow.fs
-(s3://, gs://, hdfs://, abfs://) or fsspec understands; `pipe:CMD` (webdataset) too.
+(s3://, gs://, hdfs://, abfs://) or fsspec understands; `pipe:CMD` (webdataset) too. s3://
+takes its credentials and server (AWS_ENDPOINT_URL) from the environment (segdist.storage).
 
 Training (`train_loader`): every rank gets exactly `batches_per_epoch` batches, whatever the
 shard sizes, so DDP never waits on a rank that ran dry. The reading unit is a *slot* = one
@@ -54,8 +55,10 @@ from segdist.data.sample import (
 from segdist.data.tarstream import TarFormatError, iter_samples, iter_tar
 from segdist.data.transforms import EvalTransform, TrainTransform
 from segdist.errors import SegdistError
+from segdist.storage import filesystem, missing_bucket, reason
 
 _PYARROW_SCHEMES = {"s3", "gs", "gcs", "hdfs", "viewfs", "abfs", "abfss"}
+READ_BUFFER_BYTES = 8 << 20  # per open remote shard: one request per 8 MiB read
 
 
 # ----------------------------------------------------------------------------- URLs
@@ -90,19 +93,37 @@ def open_url(url: str):
         if scheme == "pipe":
             return wds.gopen(url, "rb")
         if scheme in _PYARROW_SCHEMES:
-            from pyarrow import fs as pafs
-
-            filesystem, path = pafs.FileSystem.from_uri(url)
-            return filesystem.open_input_stream(path)
+            fs, path = _pyarrow_filesystem(url)
+            # buffered: unbuffered, every small read of the tar reader is one ranged GET
+            return fs.open_input_stream(path, buffer_size=READ_BUFFER_BYTES)
         import fsspec
 
         return fsspec.open(url, "rb").open()
     except FileNotFoundError:
-        raise SegdistError(f"{url}: not found") from None
+        missing = missing_bucket(url) if scheme in _PYARROW_SCHEMES else None
+        raise SegdistError(f"{url}: not found" + (f" ({missing})" if missing else "")) from None
     except SegdistError:
         raise
     except Exception as err:
+        if scheme in _PYARROW_SCHEMES:
+            raise SegdistError(f"{url}: cannot open ({reason(url, err)})") from None
         raise SegdistError(f"{url}: cannot open ({type(err).__name__}: {err})") from None
+
+
+_FILESYSTEMS: dict[tuple[int, str, str], object] = {}
+
+
+def _pyarrow_filesystem(url: str):
+    """(pyarrow FileSystem, path) for an s3:// etc. URL. s3:// and gs:// keep one file system
+    per process and bucket (making one per shard costs a client set-up; a forked loader
+    worker makes its own); the others get a new one each time."""
+    parsed = urlparse(url)
+    if parsed.scheme not in ("s3", "gs", "gcs"):
+        return filesystem(url)
+    key = (os.getpid(), parsed.scheme, parsed.netloc)
+    if key not in _FILESYSTEMS:
+        _FILESYSTEMS[key] = filesystem(url)[0]
+    return _FILESYSTEMS[key], parsed.netloc + parsed.path
 
 
 # ----------------------------------------------------------------------------- dataset info
