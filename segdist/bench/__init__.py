@@ -20,6 +20,10 @@ What each section measures, and where it lives (`python -m segdist.bench COMMAND
            bf16 + channels_last + torch.compile
     eval   (evaluation.py) seconds per image of whole-image inference, MSF and DenseCRF with
            a random-weight ResNet-101 `naked` on random 500x375 images (not part of `all`)
+    study  (study.py) a loopback study of 500 one-epoch trivial trials through segdist's seed
+           searcher, Ray Tune and MLflow callback into a real store (sqlite, or an `mlflow
+           server` on 127.0.0.1): wall, driver CPU and MLflow time per trial, peak driver
+           memory and its growth, MLflow writes per second, every run checked (not in `all`)
     all    (__main__.py) every section in one JSON object, with the targets checked
 
 Shared by the sections: common.py (the quick start's trial, generated shards, the set-up

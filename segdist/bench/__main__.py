@@ -1,5 +1,5 @@
 """python -m segdist.bench COMMAND: the command line. Each section module (data, train, ray,
-scale, gpu, evaluation as `eval`) gives HELP, DESCRIPTION, `add_arguments(parser)` and `run(args) -> dict`; a new
+scale, gpu, evaluation as `eval`, study) gives HELP, DESCRIPTION, `add_arguments(parser)` and `run(args) -> dict`; a new
 section is one more module and one more SUBCOMMANDS entry. `all` (here) runs the sections
 with their defaults and checks the targets. The figures are printed and logged to MLflow
 (segdist.bench.record)."""
@@ -12,7 +12,7 @@ import time
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
-from segdist.bench import data, evaluation, gpu, ray, scale, train
+from segdist.bench import data, evaluation, gpu, ray, scale, study, train
 from segdist.bench.machine import load_note, loadavg, machine_info
 from segdist.bench.record import BENCH_EXPERIMENT, log_to_mlflow, print_result
 from segdist.errors import exit_on_user_error
@@ -101,6 +101,7 @@ SUBCOMMANDS: dict[str, Section] = {
     "scale": _section(scale),
     "gpu": _section(gpu),
     "eval": _section(evaluation),
+    "study": _section(study),
     "all": Section(ALL_HELP, ALL_DESCRIPTION, _add_all_arguments, _run_all),
 }
 

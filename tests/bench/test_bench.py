@@ -2,6 +2,9 @@
 
 import dataclasses
 import json
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -203,6 +206,25 @@ def test_figures_are_logged_to_mlflow(tmp_path, capsys):
     assert run.data.metrics["shards_per_s"] == result["shards_per_s"]
     assert run.data.params["machine.torch"] == torch.__version__
     assert run.data.params["command"] == "data"
+
+
+@pytest.mark.integration
+@pytest.mark.slow  # 60-95 s on 2 busy cores (Ray's start-up is most of it): not in the default run
+def test_study_section_small(tmp_path):
+    """`bench study` at 20 trials: a real Ray Tune study through segdist's searcher, callback
+    and tracker into a sqlite store, every child run and metric there, nothing left queued."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
+    done = subprocess.run([sys.executable, "-m", "segdist.bench", "study", "--json", "--no-mlflow", "--trials", "20",
+                           "--concurrent", "4", "--work-dir", str(tmp_path)],
+                          capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout)  # the figures alone: Tune's own output goes to stderr
+    assert result["complete"] is True and result["child_runs"] == 20 and result["trial_errors"] == 0
+    assert result["mlflow_unsent"] == 0 and result["mlflow_writes"] >= 20 * 5
+    assert result["peak_mlflow_queue"] <= 2  # the store answers: every write is sent as it is made
+    for key in ("wall_s", "driver_cpu_s_per_trial", "mlflow_s_per_trial", "mlflow_writes_per_s", "peak_driver_rss_mb"):
+        assert result[key] > 0, key
+    assert list(tmp_path.iterdir()) == []  # its temporary store and storage are gone
 
 
 def test_unreachable_tracking_store_is_one_line(tmp_path, capsys):
