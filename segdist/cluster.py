@@ -48,6 +48,18 @@ def connect_ray(address: str | None) -> None:
         raise SegdistError(f"Ray cluster at {address}: {first_line(err)}") from None
 
 
+def ray_logs_dir() -> str:
+    """Where this machine's Ray node keeps its logs (workers' output, Ray Train's per-report
+    and checkpoint lines): the session's logs folder when this driver runs on a Ray node,
+    else Ray's default place on the cluster's nodes. After connect_ray."""
+    import ray._private.worker  # Ray has no public call for a node's logs folder
+
+    try:
+        return ray._private.worker.global_worker.node.get_logs_dir_path()
+    except AttributeError:  # a driver off the cluster (Ray Client) has no node of its own
+        return "/tmp/ray/session_latest/logs on the cluster's nodes"
+
+
 def probe_cluster(address: str) -> None:
     """Fail fast where ray.init would hang or retry for minutes: `address` (as connect_ray takes
     it) must name a host that takes a TCP connection within TCP_TIMEOUT_S and, unless it is a

@@ -10,6 +10,13 @@ A seed whose trial failed for good (an error after its retries, not a divergence
 stop, which are results) leaves no hole: under adaptive seeds the next round runs the next
 seed in its place, outside the `max_seeds` budget (at most `max_seeds` replacements per
 configuration), and the decisions say which seed replaced which.
+
+Resume: `ended` holds the trials of the interrupted run that ended (finished, failed,
+diverged or stopped early), with what `record` was told about each. The scheduler plans the
+same rounds again, and a trial it plans that already ended is recorded at once instead of
+queued: the rounds of a resumed study are the uninterrupted study's, adaptive seeds' extra
+rounds and replacements included, and no ended trial runs twice; every other trial (it was
+running, or not started) is queued.
 """
 
 from __future__ import annotations
@@ -47,26 +54,38 @@ class ConfigSeeds:
         return max(used, default=-1) + 1
 
 
+Ended = tuple[float | None, bool]  # what SeedScheduler.record was told: (value, fault)
+
+
 class SeedScheduler:
-    def __init__(self, configs: list[TrialConfig], policy: SeedPolicy, finished: dict[str, float] | None = None):
-        """`finished` maps trial keys already done (a resumed study) to their final metric."""
+    def __init__(self, configs: list[TrialConfig], policy: SeedPolicy, ended: dict[str, Ended] | None = None):
+        """`ended`: trial key -> (final metric or None, failed for good) of every trial of a
+        resumed study that already ended; they are never queued (module docstring)."""
         self.policy = policy
         self.configs = {c.config_id: ConfigSeeds(c) for c in configs}
         self.queue: deque[TrialConfig] = deque()
         self.running: set[str] = set()
-        finished = finished or {}
+        self.ended = dict(ended or {})
         for state in self.configs.values():
             for seed in policy.initial:
-                trial = with_seed(state.config, seed)
-                if trial_key(trial) in finished:
-                    state.values[seed] = finished[trial_key(trial)]
-                else:
-                    self.queue.append(trial)
+                self._add(with_seed(state.config, seed))
+
+    def _add(self, trial: TrialConfig) -> None:
+        """Queue a planned trial, or, if it already ended (resume), record how."""
+        if trial_key(trial) in self.ended:
+            self.record(trial, *self.ended.pop(trial_key(trial)))
+        else:
+            self.queue.append(trial)
+
+    def _refill(self) -> None:
+        """Plan rounds while nothing is queued or running and planning adds trials (a
+        resumed study replays rounds whose trials all ended)."""
+        while not self.queue and not self.running and self._plan_next_round():
+            pass
 
     def next_trial(self) -> TrialConfig | None:
         """The next trial to start, or None when the current round must finish first."""
-        if not self.queue and not self.running:
-            self._plan_next_round()
+        self._refill()
         if not self.queue:
             return None
         trial = self.queue.popleft()
@@ -86,10 +105,9 @@ class SeedScheduler:
             state.values[trial.seed] = value
 
     def done(self) -> bool:
-        if self.queue or self.running:
-            return False
-        self._plan_next_round()
-        return not self.queue
+        """No trial queued or running, and no further round to plan."""
+        self._refill()
+        return not self.queue and not self.running
 
     def decisions(self) -> dict[str, dict]:
         return {
@@ -104,9 +122,11 @@ class SeedScheduler:
 
     # ------------------------------------------------------------------ rounds
 
-    def _plan_next_round(self) -> None:
+    def _plan_next_round(self) -> int:
+        """Add the next round's trials (adaptive seeds); returns how many were planned."""
         if not self.policy.adaptive:
-            return
+            return 0
+        planned = 0
         open_configs = [s for s in self.configs.values() if s.stop_reason is None]
         summaries = {s.config.config_id: summarize(list(s.values.values())) for s in self.configs.values()}
         ranked = [s for s in self.configs.values() if summaries[s.config.config_id].n >= 1]
@@ -116,7 +136,8 @@ class SeedScheduler:
             fault = state.unreplaced_fault()
             if fault is not None and len(state.replaced) < self.policy.max_seeds:
                 state.replaced[fault] = state.next_seed()
-                self.queue.append(with_seed(state.config, state.replaced[fault]))
+                self._add(with_seed(state.config, state.replaced[fault]))
+                planned += 1
                 continue
             if state.tried >= self.policy.max_seeds:
                 state.stop_reason = f"reached max seeds ({self.policy.max_seeds})"
@@ -129,7 +150,9 @@ class SeedScheduler:
             if best is not None and summary.n >= 2 and not self._still_contested(state, best, summaries):
                 state.stop_reason = "95% CI no longer overlaps the best configuration's"
                 continue
-            self.queue.append(with_seed(state.config, state.next_seed()))
+            self._add(with_seed(state.config, state.next_seed()))
+            planned += 1
+        return planned
 
     def _still_contested(self, state: ConfigSeeds, best: ConfigSeeds, summaries) -> bool:
         """The best configuration always is (its own number should become precise)."""

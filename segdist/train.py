@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import sys
 import tempfile
 import time
 import warnings
@@ -32,6 +33,7 @@ from segdist.data.stream import DatasetInfo, StreamLoader, read_dataset_info, tr
 from segdist.data.transforms import RESIZE_BACKEND, TrainTransform
 from segdist.distributed import all_reduce_mean, all_reduce_sum, any_rank, host_group
 from segdist.epoch_report import EpochReport, Fact
+from segdist.evaluation.checkpoint import CHECKPOINT_FILE
 from segdist.evaluation.loop import evaluate_split
 from segdist.evaluation.results import all_reduce_result, flat_metrics, summarize
 from segdist.evaluation.sinks import ExampleCollector
@@ -40,7 +42,6 @@ from segdist.optim import apply_gradient_rules, lr_factor, lr_schedule, make_opt
 from segdist.recipe import EvalRecipe, TrainRecipe
 from segdist.visualize import confusion_matrix_png, overlays_png
 
-CHECKPOINT_FILE = "checkpoint.pt"
 PICTURES_DIR = "evaluation"  # beside the checkpoint: the driver logs them to MLflow
 # Read the running loss (a host sync) only this often, to keep the step asynchronous.
 LOSS_CHECK_EVERY = 10
@@ -309,9 +310,14 @@ def fit(
     resume: dict[str, Any] | None = None,
 ) -> None:
     """Train `trial` on this rank. `report(epoch_report, state)` is called once per epoch on
-    every rank; `state` (a checkpoint dict) is given on rank 0 only."""
+    every rank; `state` (a checkpoint dict) is given on rank 0 only. `resume`: a checkpoint
+    dict (`_checkpoint`) to continue from, at the epoch after its own; one of the last epoch
+    trains nothing and reports that epoch once more (`report_final_again`)."""
     started = time.time()
     recipe, train = trial.recipe, trial.recipe.train
+    if resume is not None and resume["epoch"] >= train.epochs - 1:
+        report_final_again(resume, rank, started, report)
+        return
     torch.manual_seed(trial.seed)
     train_info = read_dataset_info(trial.data.train_shards)
     val_info = read_dataset_info(trial.data.val_shards)
@@ -361,6 +367,59 @@ def fit(
         report(epoch_report, state)
 
 
+def report_final_again(resume: dict[str, Any], rank: int, started: float, report: Report) -> None:
+    """A trial resumed from the checkpoint of its last epoch (its driver died after that
+    checkpoint, before the trial's end was recorded): report that epoch again, from the
+    checkpoint's history, so that Tune and the tracker get the trial's final result (a trial
+    that never reports is an error to Tune). Rank 0 sends the earlier epochs as history and
+    the checkpoint once more (`resume`, with its `pictures` if the loader read them back),
+    other ranks the metrics alone."""
+    (epoch, metrics), earlier = resume["history"][-1], list(resume["history"][:-1])
+    if rank != 0:
+        report(EpochReport(epoch, metrics, worker_started_at=started), None)
+        return
+    report(EpochReport(epoch, metrics, history=earlier, worker_started_at=started,
+                       pictures=bool(resume.get("pictures"))), dict(resume))
+
+
+def read_resume_state(checkpoint, rank: int) -> dict[str, Any] | None:
+    """The `_checkpoint` dict in a Ray checkpoint, with the pictures saved beside it (bytes by
+    file name, or None), or None when it cannot be read (a truncated or deleted file on the
+    storage): then the trial trains again from epoch 0, which gives the same epochs (the seed
+    fixes the data order) and logs none twice, and rank 0 says so in one warning line naming
+    the file. Failing the trial instead would lose it for good: its study would end, and a
+    finished study cannot be resumed."""
+    with checkpoint.as_directory() as directory:
+        path = Path(directory) / CHECKPOINT_FILE
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=False)
+        except Exception as err:  # noqa: BLE001 - a torn file raises RuntimeError, EOFError, pickle errors...
+            if rank == 0:
+                reason = str(err).splitlines()[0].split(". ")[0][:200] if str(err) else type(err).__name__
+                where = f"{checkpoint.path}/{CHECKPOINT_FILE}"
+                # sys.stderr itself: Ray Train's patched print would say it twice (tee + log).
+                sys.stderr.write(f"segdist: warning: checkpoint {where} cannot be read ({reason}); "
+                                 "training this trial again from epoch 0\n")
+                sys.stderr.flush()
+            return None
+        pictures = Path(directory) / PICTURES_DIR
+        state["pictures"] = {p.name: p.read_bytes() for p in pictures.iterdir()} if pictures.is_dir() else None
+    return state
+
+
+def quiet_train_reports() -> None:
+    """Keep Ray Train's "Reporting training result ..." line (every report of every worker,
+    about 1,000 characters) off the console: its logger is named after its file, not under
+    `ray.train`, so RunConfig's LoggingConfig level does not reach it (Ray 2.60)."""
+    import logging
+
+    try:
+        from ray.train.v2._internal.execution import context
+    except ImportError:  # another Ray layout: its lines stay
+        return
+    logging.getLogger(context.__file__).setLevel(logging.WARNING)
+
+
 def ray_train_loop(config: dict[str, Any]) -> None:
     """Ray Train's train_loop_per_worker: resume from Ray's checkpoint, report through Ray. A
     diverged trial ends with a report that says so (EpochReport.diverged), not an error: Ray
@@ -368,14 +427,12 @@ def ray_train_loop(config: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
 
+    quiet_train_reports()
     trial = trial_from_dict(config["trial"])
     torch.set_num_threads(trial.recipe.resources.cpus_per_worker)
     context = ray.train.get_context()
-    resume = None
     checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as directory:
-            resume = torch.load(Path(directory) / CHECKPOINT_FILE, map_location="cpu", weights_only=False)
+    resume = None if checkpoint is None else read_resume_state(checkpoint, context.get_world_rank())
 
     def report(epoch_report: EpochReport, state: dict[str, Any] | None) -> None:
         if state is None:

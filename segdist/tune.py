@@ -16,12 +16,13 @@ import argparse
 import dataclasses
 import json
 import os
+import re
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-from segdist.cluster import check_resources_fit, connect_ray
+from segdist.cluster import check_resources_fit, connect_ray, ray_logs_dir
 from segdist.config import (
     StudyConfig,
     TrialConfig,
@@ -32,7 +33,7 @@ from segdist.config import (
     trial_key,
 )
 from segdist.errors import SegdistError, exit_on_user_error
-from segdist.outcome import FAILED, FINISHED, trial_outcome
+from segdist.outcome import FAILED, FINISHED, STOPPED_EARLY, trial_outcome
 from segdist.recipe import show
 
 STORAGE_ENV = "SEGDIST_STORAGE"  # where checkpoints and Tune state go when --storage is not given
@@ -274,10 +275,35 @@ def explain(study: StudyConfig) -> str:
 # ----------------------------------------------------------------- Ray
 
 
+RESTARTED = ".restarted"  # a trial's Ray Train run name after its checkpoint was found gone
+
+
 def run_trial(params: dict[str, Any]) -> None:
     """One Tune trial = one Ray Train run (Train V2: build and fit a TorchTrainer here).
     Its RunConfig name is the trial key under the study run's storage, so re-creating it
-    (worker restart, --resume) continues from the last checkpoint."""
+    (worker restart, --resume) continues from the last checkpoint.
+
+    A checkpoint deleted from the storage makes Ray Train refuse the run (its record names
+    it): the trial then goes on under the name key + RESTARTED (from epoch 0, or from that
+    run's checkpoint on a later resume), with one warning line naming the checkpoint (failing it would lose it: a study that ended cannot
+    be resumed). An unreadable checkpoint file is train.read_resume_state's."""
+    import ray.exceptions
+
+    name = params["trial"]["trial_key"]
+    try:
+        make_trainer(params, name).fit()
+    except ray.exceptions.RayActorError as err:
+        if not (err.actor_init_failed and "CheckpointManagerInitializationError" in str(err)):
+            raise
+        found = re.search(r"path=([^,)\s]+)", str(err))
+        where = found.group(1) if found else f"{params['storage']}/{name}"
+        print(f"segdist: warning: checkpoint {where} is gone from the storage; trial {name} goes on as "
+              f"{name}{RESTARTED}, from that run's own checkpoint or else from epoch 0", file=sys.stderr, flush=True)
+        make_trainer(params, name + RESTARTED).fit()
+
+
+def make_trainer(params: dict[str, Any], name: str):
+    """The trial's TorchTrainer, its Ray Train run called `name` under params["storage"]."""
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
     from ray.tune.integration.ray_train import TuneReportCallback
@@ -290,7 +316,7 @@ def run_trial(params: dict[str, Any]) -> None:
     worker_resources = {"CPU": res["cpus_per_worker"]}
     if use_gpu:
         worker_resources["GPU"] = res["gpus_per_worker"]
-    trainer = TorchTrainer(
+    return TorchTrainer(
         ray_train_loop,
         train_loop_config={"trial": trial},
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
@@ -298,16 +324,18 @@ def run_trial(params: dict[str, Any]) -> None:
             num_workers=res["workers"], use_gpu=use_gpu, resources_per_worker=worker_resources
         ),
         run_config=ray.train.RunConfig(
-            name=trial["trial_key"],
+            name=name,
             storage_path=params["storage"],
             checkpoint_config=ray.train.CheckpointConfig(
                 num_to_keep=1, checkpoint_score_attribute="val_miou", checkpoint_score_order="max"
             ),
             failure_config=ray.train.FailureConfig(max_failures=trial["recipe"]["train"]["max_failures"]),
             callbacks=[TuneReportCallback()],
+            # Ray Train's INFO lines (each worker's report, each checkpoint, the worker group's
+            # start) stay in its log files on each node; warnings and errors still show.
+            logging_config=ray.train.LoggingConfig(log_level="WARNING"),
         ),
     )
-    trainer.fit()
 
 
 def make_searcher(scheduler, storage: str):
@@ -373,6 +401,37 @@ def find_study_to_resume(uri: str, study: StudyConfig) -> str:
     return run.info.run_id
 
 
+def ended_trials(existing: dict[str, Any]) -> dict[str, tuple[float | None, bool]]:
+    """Of a resumed study's trial runs (trial key -> MLflow run), those that ended: the ones
+    with a status tag (finished, stopped_early, diverged or failed: the tag is the callback's
+    last write of a trial), as (final metric or None, failed for good) for the seed scheduler,
+    the same as the searcher recorded them. A run without the tag did not end as far as MLflow
+    knows: its trial runs again, from its checkpoint (one of its last epoch reports that epoch
+    again, train.fit)."""
+    from segdist.stats import HEADLINE_METRIC
+    from segdist.tracking import STATUS_TAG
+
+    ended = {}
+    for key, run in existing.items():
+        status = run.data.tags.get(STATUS_TAG)
+        if status:
+            ended[key] = (run.data.metrics.get(HEADLINE_METRIC) if status == FINISHED else None, status == FAILED)
+    return ended
+
+
+def end_runs_left_running(tracker, existing: dict[str, Any], ended: dict[str, Any]) -> None:
+    """Ended trials whose MLflow run is still RUNNING (the driver died between the trial's
+    status tag and its run's end) are ended now, as the callback would have: FAILED for a
+    diverged or failed trial, FINISHED otherwise."""
+    from segdist.tracking import STATUS_TAG
+
+    for key in ended:
+        run = existing[key]
+        if run.info.status == "RUNNING":
+            tracker.start_trial(key, key, {}, run_id=run.info.run_id)
+            tracker.finish(key, "FINISHED" if run.data.tags[STATUS_TAG] in (FINISHED, STOPPED_EARLY) else "FAILED")
+
+
 def run_study(study: StudyConfig, args: argparse.Namespace, tracking_uri: str, storage_root: str):
     import ray.tune
     from ray.tune.schedulers import ASHAScheduler
@@ -380,16 +439,11 @@ def run_study(study: StudyConfig, args: argparse.Namespace, tracking_uri: str, s
     from segdist.report import collect_rows, seeds_figure, study_table
     from segdist.seeds import SeedScheduler
     from segdist.stats import HEADLINE_METRIC
-    from segdist.tracking import STATUS_TAG, MlflowTrialCallback, StudyTracker
+    from segdist.tracking import MlflowTrialCallback, StudyTracker
 
     parent = find_study_to_resume(tracking_uri, study) if args.resume else None
     tracker = StudyTracker(tracking_uri, study.name, study.name, parent_run_id=parent)
     existing = tracker.existing_trials() if parent else {}
-    finished = {
-        key: run.data.metrics[HEADLINE_METRIC]
-        for key, run in existing.items()
-        if run.data.tags.get(STATUS_TAG) == FINISHED and HEADLINE_METRIC in run.data.metrics
-    }
     if parent is None:
         tracker.log_params("study", {
             "study.path": study.path, "study.seeds": dataclasses.asdict(study.seeds),
@@ -398,7 +452,9 @@ def run_study(study: StudyConfig, args: argparse.Namespace, tracking_uri: str, s
         tracker.log_text("study", Path(study.path).read_text(), "study.yaml")
     # One folder per study run: a fresh study never resumes an old one's checkpoints.
     storage = f"{storage_root.rstrip('/')}/{study.name}/{tracker.parent_run_id}"
-    scheduler = SeedScheduler(expand_configs(study), study.seeds, finished=finished)
+    ended = ended_trials(existing)
+    end_runs_left_running(tracker, existing, ended)
+    scheduler = SeedScheduler(expand_configs(study), study.seeds, ended=ended)
     callback = MlflowTrialCallback(tracker, storage, existing=existing)
     screening = study.screening
     tuner = ray.tune.Tuner(
@@ -410,10 +466,11 @@ def run_study(study: StudyConfig, args: argparse.Namespace, tracking_uri: str, s
             search_alg=make_searcher(scheduler, storage),
             num_samples=-1,  # until the searcher says FINISHED
             max_concurrent_trials=study.max_concurrent_trials,
-            metric="val_miou", mode="max",
+            # The metric is ASHA's alone: set here, Tune would print the best trial's whole
+            # config (every recipe field) in each status update.
             # max_t past the last epoch: a trial's own end must not be an ASHA stop.
             scheduler=ASHAScheduler(
-                time_attr="training_iteration",
+                metric="val_miou", mode="max", time_attr="training_iteration",
                 max_t=max(c.recipe.train.epochs for c in expand_configs(study)) + 1,
                 grace_period=screening.grace_period, reduction_factor=screening.reduction_factor,
             ) if screening else None,
@@ -463,6 +520,7 @@ def main(argv: list[str] | None = None) -> int:
     check_resources_fit(study)
     check_stores_from_nodes(study, storage_root)
     print(describe_trials(study), flush=True)
+    print(f"Ray's logs (each worker's output, Ray Train's reports): {ray_logs_dir()}", flush=True)
     table, errors, callback, unsent = run_study(study, args, tracking_uri, storage_root)
     print()
     print(table)
@@ -473,8 +531,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"study wall time: {time.time() - started:.0f} s; MLflow: {tracking_uri} "
           f"(experiment {study.name!r}, parent run {callback.tracker.parent_run_id})")
     if unsent:
-        print(f"segdist: error: MLflow did not come back; the writes it missed are listed in {unsent}",
-              file=sys.stderr)
+        print(f"segdist: error: some MLflow writes were not sent (MLflow refused them, their files were "
+              f"gone, or the store did not come back); they are listed in {unsent}", file=sys.stderr)
         return 1
     if errors:
         print(f"segdist: {errors} trial(s) failed; see the table and the MLflow runs",
@@ -521,7 +579,11 @@ def run_crf_study(args: argparse.Namespace) -> int:
     tracker.log_text("study", table, "report.md")
     tracker.finish("study", "FINISHED")
     print(table)
-    return 0 if len(rows) == len(results) else 1
+    tracker.drain()
+    unsent = tracker.save_pending(Path.cwd())
+    if unsent:
+        print(f"segdist: error: some MLflow writes were not sent; they are listed in {unsent}", file=sys.stderr)
+    return 0 if len(rows) == len(results) and not unsent else 1
 
 
 def _study_kind(path: str) -> str:

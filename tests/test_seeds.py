@@ -1,3 +1,5 @@
+import pytest
+
 from segdist.config import expand_configs, parse_study, trial_key, with_seed
 from segdist.seeds import SeedScheduler
 
@@ -58,9 +60,58 @@ def test_failed_trials_count_toward_the_maximum():
 
 def test_finished_trials_of_a_resumed_study_are_not_run_again():
     configs, policy = configs_and_policy([0, 1])
-    done = {trial_key(with_seed(configs[0], 0)): 0.5}
-    ran = drain(SeedScheduler(configs, policy, finished=done), lambda c, s: 0.5)
+    done = {trial_key(with_seed(configs[0], 0)): (0.5, False)}
+    ran = drain(SeedScheduler(configs, policy, ended=done), lambda c, s: 0.5)
     assert (0, 0) not in ran and len(ran) == 3
+
+
+def interrupted(scheduler, value_of, stop_after=None, faulty=()):
+    """Play a study until `stop_after` trials ended and the next one started (then its driver
+    is killed), or to its end: returns (ended trials as run_study reads them back: key ->
+    (value, fault), the keys of the trials started)."""
+    ended, started = {}, []
+    while not scheduler.done():
+        trial = scheduler.next_trial()
+        started.append(trial_key(trial))
+        if len(ended) == stop_after:
+            break
+        fault = trial.seed in faulty
+        value = None if fault else value_of(trial.config_id, trial.seed)
+        scheduler.record(trial, value, fault=fault)
+        ended[trial_key(trial)] = (value, fault)
+    return ended, started
+
+
+@pytest.mark.parametrize("stop_after", range(10))
+@pytest.mark.parametrize("faulty", [(), (3,)])
+def test_a_resumed_adaptive_study_runs_what_the_uninterrupted_one_would_and_nothing_twice(stop_after, faulty):
+    """Extra rounds and replacements included: an ended trial is replayed, never queued; the
+    one running when the driver died runs again (from its checkpoint)."""
+    configs, policy = configs_and_policy({"min": 2, "max": 6, "ci_halfwidth": 0.5})
+    noise = [0.0, 0.03, -0.03, 0.02, -0.02, 0.01, -0.01, 0.0, 0.0, 0.0, 0.0, 0.0]
+    best = configs[0].config_id
+
+    def value_of(config_id, seed):
+        return (0.60 if config_id == best else 0.58) + noise[seed]
+
+    whole = SeedScheduler(configs, policy)
+    _, uninterrupted = interrupted(whole, value_of, faulty=faulty)
+    assert len(uninterrupted) > 10  # extra rounds (and a replacement of seed 3 where it fails)
+    ended, started = interrupted(SeedScheduler(configs, policy), value_of, stop_after, faulty=faulty)
+    resumed = SeedScheduler(configs, policy, ended=ended)
+    _, after = interrupted(resumed, value_of, faulty=faulty)
+    assert not set(ended) & set(after)  # no ended trial runs again
+    assert started[-1] in after  # the running one is not lost
+    assert sorted([*ended, *after]) == sorted(uninterrupted)  # the same trials, and each once
+    assert resumed.decisions() == whole.decisions()
+
+
+@pytest.mark.parametrize("outcome", [(None, False), (None, True)])  # stopped early or diverged; failed
+def test_a_trial_that_ended_without_a_value_is_not_run_again(outcome):
+    configs, policy = configs_and_policy([0, 1], n_configs=1)
+    scheduler = SeedScheduler(configs, policy, ended={trial_key(with_seed(configs[0], 0)): outcome})
+    assert [seed for _, seed in drain(scheduler, lambda c, s: 0.5)] == [1]
+    assert scheduler.decisions()[configs[0].config_id]["failed_seeds"] == [0]
 
 
 def run_with_faults(scheduler, value_of, faulty):

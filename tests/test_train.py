@@ -10,7 +10,15 @@ import torch.nn.functional as F
 
 from segdist.config import expand_trials, parse_study
 from segdist.epoch_report import EpochReport
-from segdist.train import TrainingDiverged, fit, resolve_precision, segmentation_loss
+from segdist.train import (
+    CHECKPOINT_FILE,
+    PICTURES_DIR,
+    TrainingDiverged,
+    fit,
+    read_resume_state,
+    resolve_precision,
+    segmentation_loss,
+)
 
 
 def tiny_trial(train_shards, val_shards, variant="naked", evaluation=None, protocol="deeplab", **train):
@@ -145,6 +153,46 @@ def test_a_resumed_trial_reports_the_history_its_checkpoint_holds(tiny_shards):
     assert sent.history[1][1] == straight[1][0].metrics
     assert sent.facts == straight[0][0].facts  # a new worker group says what it runs on again
     assert straight[0][0].history == [] and straight[2][0].history == []
+
+
+def test_a_trial_resumed_from_its_last_epoch_reports_that_epoch_again_without_training(tiny_shards):
+    """The driver died after the last checkpoint: the trial must still give Tune its final result."""
+    trial = tiny_trial(*tiny_shards)
+    straight = run(trial)
+    last, state = straight[-1]
+    state["pictures"] = {"confusion.png": b"png"}  # what read_resume_state reads back beside it
+    (again, saved), = run(trial, resume=state)
+    sent = EpochReport.from_result(again.result())
+    assert (sent.epoch, sent.metrics) == (last.epoch, last.metrics)  # final_miou included
+    assert [epoch for epoch, _ in sent.history] == [0] and sent.pictures
+    assert saved["epoch"] == 1 and saved["history"] == state["history"]  # the checkpoint, once more
+    other = []
+    fit(trial, rank=1, world_size=2, device=torch.device("cpu"), resume=state,  # no process group: no training
+        report=lambda report, state: other.append((report, state)))
+    assert [(r.epoch, r.metrics, r.history, s) for r, s in other] == [(1, last.metrics, [], None)]
+
+
+def test_an_unreadable_checkpoint_is_left_with_one_line_naming_it(tmp_path, capsys):
+    from ray.train import Checkpoint
+
+    (tmp_path / CHECKPOINT_FILE).write_bytes(b"PK\x03\x04 torn")
+    assert read_resume_state(Checkpoint.from_directory(str(tmp_path)), rank=0) is None
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.startswith("segdist: warning: checkpoint ") and f"{tmp_path}/{CHECKPOINT_FILE}" in line
+    assert "from epoch 0" in line
+    (tmp_path / CHECKPOINT_FILE).unlink()  # deleted: the same
+    assert read_resume_state(Checkpoint.from_directory(str(tmp_path)), rank=1) is None
+    assert capsys.readouterr().err == ""  # rank 0 speaks for the worker group
+
+
+def test_a_checkpoint_is_read_back_with_its_pictures(tmp_path):
+    from ray.train import Checkpoint
+
+    torch.save({"epoch": 3}, tmp_path / CHECKPOINT_FILE)
+    (tmp_path / PICTURES_DIR).mkdir()
+    (tmp_path / PICTURES_DIR / "confusion.png").write_bytes(b"png")
+    state = read_resume_state(Checkpoint.from_directory(str(tmp_path)), rank=0)
+    assert state == {"epoch": 3, "pictures": {"confusion.png": b"png"}}
 
 
 @pytest.mark.parametrize(

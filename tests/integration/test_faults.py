@@ -1,5 +1,5 @@
-"""Faults done for real: a killed training worker, a killed driver, a diverging trial, an
-MLflow server that goes away mid-study. Each study must end with every epoch logged
+"""Faults done for real: a killed training worker, a lost node, a diverging trial, an
+MLflow server that goes away mid-study (a killed driver and --resume: test_resume.py). Each study must end with every epoch logged
 exactly once and nothing run twice."""
 
 import os
@@ -13,58 +13,13 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from tests.conftest import free_port, pids_with, wait_http, write_study
+from tests.integration.driver import finish, start_tune, steps, trial_runs, wait_until
 
 pytestmark = pytest.mark.integration
 
 # No max_failures: the faults below must be survived with the defaults (issue 16).
 SLOW_EPOCHS = {"epochs": 3, "batch_size": 2, "crop_size": 40, "scale_range": [0.8, 1.2], "lr": 0.01,
                "epoch_scale": 12}
-
-
-def start_tune(space: Path, cwd: Path, *extra: str, env=None) -> subprocess.Popen:
-    """The study's driver, its output in `cwd/driver-N.log`: a pipe nobody reads until the
-    end fills up (64 KiB) and blocks the driver's prints, and with them its Tune loop."""
-    environment = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    environment.update(env or {}, PYTHONUNBUFFERED="1")
-    log = cwd / f"driver-{len(list(cwd.glob('driver-*.log')))}.log"
-    with log.open("w") as out:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "segdist.tune", "--space", str(space), *extra],
-            cwd=cwd, env=environment, stdout=out, stderr=subprocess.STDOUT, text=True,
-            start_new_session=True,  # its own process group: the test can kill it with its local Ray
-        )
-    process.log = log
-    return process
-
-
-def driver_output(process: subprocess.Popen) -> str:
-    return process.log.read_text(errors="replace")
-
-
-def finish(process: subprocess.Popen, timeout: float = 600) -> tuple[int, str]:
-    process.wait(timeout=timeout)
-    return process.returncode, driver_output(process)
-
-
-def trial_runs(client: MlflowClient, experiment: str):
-    exp = client.get_experiment_by_name(experiment)
-    if exp is None:
-        return []
-    return [r for r in client.search_runs([exp.experiment_id]) if r.data.tags.get("segdist.role") == "trial"]
-
-
-def steps(client: MlflowClient, run, metric="val_miou") -> list[int]:
-    return sorted(m.step for m in client.get_metric_history(run.info.run_id, metric))
-
-
-def wait_until(predicate, timeout: float = 300, what: str = "condition"):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.5)
-    raise TimeoutError(f"timed out waiting for {what}")
 
 
 def interrupt_and_check_recovery(space: Path, cwd: Path, fault, *extra: str, env=None) -> None:
@@ -109,45 +64,6 @@ def test_a_lost_node_is_replaced_and_the_trial_is_retried(tmp_path, tiny_shards,
 
     space = write_study(tmp_path / "node.yaml", *tiny_shards, train=SLOW_EPOCHS, seeds=[0])
     interrupt_and_check_recovery(space, tmp_path, lose_the_node, "--address", cluster.address, env=cluster.env)
-
-
-def test_a_killed_driver_resumes_without_rerunning_finished_trials(tmp_path, tiny_shards):
-    space = write_study(tmp_path / "d.yaml", *tiny_shards, train=SLOW_EPOCHS, seeds=[0, 1])
-    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    process = start_tune(space, tmp_path)
-
-    def first_done_second_started():
-        runs = trial_runs(client, "tiny")
-        done = [r for r in runs if r.data.tags.get("segdist.status") == "finished"]
-        started = [r for r in runs if r not in done and steps(client, r)]
-        return (done, started) if done and started else None
-
-    try:
-        try:
-            (done,), _ = wait_until(first_done_second_started, timeout=900, what="trial 1 done, trial 2 at epoch 0")
-        except TimeoutError:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait(timeout=60)
-            raise AssertionError("trial 1 done, trial 2 at epoch 0 never seen; the driver said:\n"
-                                 + driver_output(process)[-6000:]) from None
-        os.killpg(process.pid, signal.SIGKILL)  # the driver and the local Ray it started
-        process.wait(timeout=60)
-    finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGKILL)
-    finished_before = done.info.end_time
-
-    code, output = finish(start_tune(space, tmp_path, "--resume"))
-    assert code == 0, output[-4000:]
-    runs = trial_runs(client, "tiny")
-    assert len(runs) == 2  # no duplicate run
-    for run in runs:
-        assert run.data.tags["segdist.status"] == "finished"
-        assert steps(client, run) == [0, 1, 2]
-    again = next(r for r in runs if r.info.run_id == done.info.run_id)
-    assert again.info.end_time == finished_before  # the finished trial did not run again
-    resumed = next(r for r in runs if r.info.run_id != done.info.run_id)
-    assert int(resumed.data.tags["segdist.resumed_at_epoch"]) >= 1  # continued from its checkpoint
 
 
 def test_a_diverging_trial_stops_and_the_others_go_on(tmp_path, tiny_shards):

@@ -59,6 +59,10 @@ def test_tiny_study_on_local_ray_is_recorded_in_mlflow(tmp_path, tiny_shards):
     space = write_study(tmp_path / "tiny.yaml", *tiny_shards)
     result = run_cli(["segdist.tune", "--space", str(space)], cwd=tmp_path)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    console = result.stdout + result.stderr
+    # Readable (issue 18): no per-worker report dumps, no best-trial line with the whole config.
+    assert "Reporting training result" not in console and "Current best trial" not in console
+    assert "Ray's logs (each worker's output, Ray Train's reports): /" in console
     assert (tmp_path / "mlflow.db").exists()
     assert_study_recorded(MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}"))
 
