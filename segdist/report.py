@@ -5,6 +5,10 @@ the number of seeds, the 95% confidence interval (t distribution), min–max, th
 difference to a baseline configuration with Welch's t-test p-value, boundary/inner
 statistics when the study measured them, and the trials that did not finish (failed,
 diverged or stopped early by screening), which are counted but never averaged.
+
+With no arguments it reports the latest study in the store (and says which on stderr),
+against the baseline its study file names; an interval of fewer than three seeds is
+flagged, and clipped to 0-100.
 """
 
 from __future__ import annotations
@@ -13,11 +17,14 @@ import argparse
 import csv
 import io
 import json
+import os
 import re
 import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 
-from mlflow.entities import LifecycleStage
+import yaml
+from mlflow.entities import LifecycleStage, Run
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
@@ -25,6 +32,7 @@ from segdist.errors import SegdistError, exit_on_user_error
 from segdist.outcome import FAILED, FINISHED
 from segdist.stats import HEADLINE_METRIC, Summary, summarize, welch_p_value
 from segdist.tracking import (
+    CONFIGURATION_PARAM,
     PARENT_TAG,
     ROLE_TAG,
     STATUS_TAG,
@@ -57,7 +65,10 @@ class ConfigRow:
 
 
 def config_label(params: dict[str, str]) -> str:
-    """What distinguishes a configuration: its variant plus the values the search chose."""
+    """What distinguishes a configuration: its variant plus the values the search chose (the
+    run's `configuration` param, tracking.configuration_label; rebuilt for older runs)."""
+    if CONFIGURATION_PARAM in params:
+        return params[CONFIGURATION_PARAM]
     label = params.get("model.variant", "?")
     chosen = " ".join(part for part in params.get("overrides", "").split() if not part.startswith("model.variant="))
     return f"{label} {chosen}".strip()
@@ -115,7 +126,7 @@ def table_rows(rows: list[ConfigRow], metric: str, baseline: ConfigRow | None) -
         s = row.summary
         if row.values:
             mean = f"{100 * s.mean:.2f}" + (f" ± {100 * s.std:.2f}" if s.n > 1 else "")
-            ci = f"{100 * s.ci_low:.2f}–{100 * s.ci_high:.2f}" if s.n > 1 else "—"
+            ci = interval_text(s)
             span = f"{100 * min(row.values):.2f}–{100 * max(row.values):.2f}"
         else:
             mean = ci = span = "—"
@@ -135,6 +146,19 @@ def table_rows(rows: list[ConfigRow], metric: str, baseline: ConfigRow | None) -
         line.append(row.decision)
         body.append(line)
     return header, body
+
+
+FEW_SEEDS = 3  # below this many seeds a t interval is too wide to say much (t = 12.7 at n = 2)
+
+
+def interval_text(summary: Summary) -> str:
+    """The 95% CI in percent, clipped to 0–100 (an mIoU cannot leave it; a t interval of
+    two seeds usually does) and flagged below FEW_SEEDS seeds; "—" for one seed."""
+    if summary.n < 2:
+        return "—"
+    low, high = max(0.0, 100 * summary.ci_low), min(100.0, 100 * summary.ci_high)
+    flag = f" (n={summary.n}: too few seeds)" if summary.n < FEW_SEEDS else ""
+    return f"{low:.2f}–{high:.2f}{flag}"
 
 
 def format_table(header: list[str], body: list[list[str]], fmt: str) -> str:
@@ -201,14 +225,66 @@ def seeds_figure(rows: list[ConfigRow], metric: str) -> bytes:
     return buffer.getvalue()
 
 
-def latest_study_run(client: MlflowClient, experiment_id: str) -> str:
+def latest_study_run(client: MlflowClient, experiment_ids: list[str]) -> Run | None:
+    """The most recently started study (parent) run in these experiments, or None."""
+    if not experiment_ids:
+        return None
     runs = client.search_runs(
-        [experiment_id], filter_string=f"tags.`{ROLE_TAG}` = 'study'",
+        experiment_ids, filter_string=f"tags.`{ROLE_TAG}` = 'study'",
         order_by=["attributes.start_time DESC"], max_results=1,
     )
-    if not runs:
-        raise SegdistError("the experiment has no study runs yet; run `python -m segdist.tune` first")
-    return runs[0].info.run_id
+    return runs[0] if runs else None
+
+
+def study_names(client: MlflowClient) -> list[str]:
+    """The active experiments of the store that hold a study run (segdist's studies)."""
+    names = []
+    for experiment in client.search_experiments(max_results=1000):
+        if latest_study_run(client, [experiment.experiment_id]) is not None:
+            names.append(experiment.name)
+    return sorted(names)
+
+
+def study_baseline(client: MlflowClient, run: Run) -> str | None:
+    """The `baseline` the study file of this study run named (its `study.baseline` param, or,
+    for a study recorded before that param, its study.yaml artifact), or None."""
+    if "study.baseline" in run.data.params:
+        return run.data.params["study.baseline"] or None
+    try:
+        text = client.download_artifacts(run.info.run_id, "study.yaml")
+        raw = yaml.safe_load(Path(text).read_text())
+    except (MlflowException, OSError, yaml.YAMLError):
+        return None
+    baseline = raw.get("baseline") if isinstance(raw, dict) else None
+    return str(baseline) if baseline else None
+
+
+def pick_study(client: MlflowClient, uri: str, experiment_name: str | None, run_id: str | None):
+    """(experiment, study run): --run, else the latest study of --experiment, else the latest
+    study in the store. SegdistError naming what is missing (an unknown experiment: the
+    studies the store holds)."""
+    if experiment_name is None:
+        ids = [e.experiment_id for e in client.search_experiments(max_results=1000)]
+        run = client.get_run(run_id) if run_id else latest_study_run(client, ids)
+        if run is None:
+            raise SegdistError(f"no study in {uri} yet; run `python -m segdist.tune` first")
+        return client.get_experiment(run.info.experiment_id), run
+    experiment = experiment_by_name(client, experiment_name)
+    if experiment is None:
+        studies = ", ".join(study_names(client)) or "none"
+        raise SegdistError(f"no MLflow experiment named {experiment_name!r} in {uri}; its studies: {studies}")
+    if experiment.lifecycle_stage == LifecycleStage.DELETED:
+        raise SegdistError(
+            f"MLflow experiment {experiment_name!r} (id {experiment.experiment_id}) in {uri} is deleted; restore "
+            f"it with `MLFLOW_TRACKING_URI={uri} mlflow experiments restore --experiment-id "
+            f"{experiment.experiment_id}` (running the study again also restores it)")
+    run = client.get_run(run_id) if run_id else latest_study_run(client, [experiment.experiment_id])
+    if run is None:
+        raise SegdistError(f"experiment {experiment_name!r} has no study runs yet; run `python -m segdist.tune` first")
+    if run.info.experiment_id != experiment.experiment_id:
+        raise SegdistError(f"--run {run_id}: a run of experiment id {run.info.experiment_id}, "
+                           f"not of {experiment_name!r} (id {experiment.experiment_id})")
+    return experiment, run
 
 
 @exit_on_user_error
@@ -218,9 +294,11 @@ def main(argv: list[str] | None = None) -> int:
         description="Print a study's results aggregated over seeds, read from MLflow: mean ± std, "
         "95% CI, Δ vs a baseline with Welch's p-value. Also saved to the study's parent run.",
     )
-    parser.add_argument("--experiment", default="quickstart", help="MLflow experiment (= study name)")
+    parser.add_argument("--experiment", default=None,
+                        help="MLflow experiment (= study name); default: the latest study in the store")
     parser.add_argument("--run", default=None, help="parent (study) run id; default: the latest study run")
-    parser.add_argument("--baseline", default=None, help="variant, label or config_id to compare against")
+    parser.add_argument("--baseline", default=None,
+                        help="variant, label or config_id to compare against; default: the study's own baseline")
     parser.add_argument("--metric", default=HEADLINE_METRIC,
                         help="metric to aggregate (default final_miou: the final epoch evaluated with the "
                         "study's eval settings; val_miou: the last epoch's whole-image score)")
@@ -228,29 +306,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tracking-uri", default=None,
                         help="MLflow tracking URI; default: MLFLOW_TRACKING_URI, else sqlite:///./mlflow.db")
     args = parser.parse_args(argv)
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # stdout is the table's
     uri = resolve_tracking_uri(args.tracking_uri)
     from segdist.tracking import check_reachable
 
     check_reachable(uri)
     client = client_for(uri)
-    experiment = experiment_by_name(client, args.experiment)
-    if experiment is None:
-        raise SegdistError(f"no MLflow experiment named {args.experiment!r} in {uri}")
-    if experiment.lifecycle_stage == LifecycleStage.DELETED:
-        raise SegdistError(
-            f"MLflow experiment {args.experiment!r} (id {experiment.experiment_id}) in {uri} is deleted; restore "
-            f"it with `MLFLOW_TRACKING_URI={uri} mlflow experiments restore --experiment-id "
-            f"{experiment.experiment_id}` (running the study again also restores it)")
     if args.run:
         try:
-            run = client.get_run(args.run)
+            client.get_run(args.run)
         except MlflowException:
             raise SegdistError(f"--run {args.run!r}: no such run in {uri}") from None
-        if run.info.experiment_id != experiment.experiment_id:
-            raise SegdistError(f"--run {args.run}: a run of experiment id {run.info.experiment_id}, "
-                               f"not of {args.experiment!r} (id {experiment.experiment_id})")
-    parent = args.run or latest_study_run(client, experiment.experiment_id)
-    table = study_table(client, experiment.experiment_id, parent, args.metric, args.baseline, args.format)
+    experiment, run = pick_study(client, uri, args.experiment, args.run)
+    parent = run.info.run_id
+    baseline = args.baseline or study_baseline(client, run)
+    print(f"segdist.report: study {experiment.name!r} (run {parent}) in {uri}"
+          + (f"; baseline {baseline}" if baseline else ""), file=sys.stderr)
+    table = study_table(client, experiment.experiment_id, parent, args.metric, baseline, args.format)
     print(table)
     suffix = mlflow_key(args.metric).replace("/", "_")  # --metric is the user's: one safe file name
     client.log_text(parent, table, f"report_{suffix}.{args.format}")

@@ -219,16 +219,24 @@ def experiment_by_name(client: MlflowClient, name: str):
             return None
 
 
+# MLflow 3's UI opens an experiment without this tag in its GenAI view (traces, token usage).
+EXPERIMENT_KIND_TAG, MODEL_TRAINING = "mlflow.experimentKind", "custom_model_development"
+
+
 def get_or_create_experiment(client: MlflowClient, name: str, uri: str) -> str:
-    """The active experiment `name`: found, restored if deleted, or created. Several
-    processes may do this at once: the one whose creation loses the race finds the winner's."""
+    """The active experiment `name`: found, restored if deleted, or created; tagged as model
+    training (EXPERIMENT_KIND_TAG) so that the MLflow UI opens on its runs. Several processes
+    may do this at once: the one whose creation loses the race finds the winner's."""
     for _attempt in range(5):
         experiment = experiment_by_name(client, name)
         if experiment is not None:
             restore_if_deleted(client, experiment)
+            if EXPERIMENT_KIND_TAG not in experiment.tags:
+                client.set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, MODEL_TRAINING)
             return experiment.experiment_id
         try:
-            return client.create_experiment(name, artifact_location=artifact_location(uri, name))
+            return client.create_experiment(name, artifact_location=artifact_location(uri, name),
+                                            tags={EXPERIMENT_KIND_TAG: MODEL_TRAINING})
         except MlflowException as err:
             if err.error_code == "INVALID_PARAMETER_VALUE":  # e.g. a file store and a name with '
                 reason = str(err).splitlines()[0][:200]
@@ -670,6 +678,17 @@ def model_params(facts: dict[str, Fact]) -> dict[str, Fact]:
     return {f"model_{name}": value for name, value in facts.items()}
 
 
+CONFIGURATION_PARAM = "configuration"  # the readable label: MLflow's "Group by" aggregates seeds on it
+
+
+def configuration_label(variant: str, overrides: dict[str, Any]) -> str:
+    """A configuration as a person reads it: its variant and the values the search chose
+    (by their last key part), e.g. `naked lr=0.01 crop_size=[321, 321]`."""
+    chosen = [f"{key.rsplit('.', 1)[-1]}={value}" for key, value in sorted(overrides.items())
+              if key != "model.variant"]
+    return " ".join([variant, *chosen])
+
+
 class MlflowTrialCallback(Callback):
     """Tune callback in the driver: a child run per trial, every epoch's metrics exactly
     once, the best checkpoint as an artifact, and the trial's final status."""
@@ -697,9 +716,10 @@ class MlflowTrialCallback(Callback):
         config = trial.config["trial"]
         key = config["trial_key"]
         previous = self.existing.get(key)
-        name = f"{config['recipe']['model']['variant']}-{config['config_id']}-seed{config['seed']}"
+        label = configuration_label(config["recipe"]["model"]["variant"], config["overrides"])
         run_id = previous.info.run_id if previous is not None else None
-        params = {**config["flat"], **model_params(config["model_facts"])}
+        params = {**config["flat"], **model_params(config["model_facts"]), CONFIGURATION_PARAM: label}
+        name = f"{label} · seed {config['seed']}"
         self.runs[trial.trial_id] = self.tracker.start_trial(name, key, params, run_id=run_id)
         # Before the lookup below, which fails while the store is away: without them the
         # trial's later hooks would fail too, and its run never get its status or end.

@@ -448,6 +448,7 @@ def run_study(study: StudyConfig, args: argparse.Namespace, tracking_uri: str, s
         tracker.log_params("study", {
             "study.path": study.path, "study.seeds": dataclasses.asdict(study.seeds),
             "study.configurations": len(expand_configs(study)), "study.smoke": study.smoke,
+            "study.baseline": study.baseline or "",
         })
         tracker.log_text("study", Path(study.path).read_text(), "study.yaml")
     # One folder per study run: a fresh study never resumes an old one's checkpoints.

@@ -47,3 +47,60 @@ def test_the_decision_says_which_seed_replaced_a_failed_one():
     assert decision_text(decided) == "95% CI half-width 0.50 <= 1; failed seed 1 replaced by seed 3"
     assert decision_text({"stop_reason": "fixed seeds"}) == "fixed seeds"
     assert decision_text({}) == ""
+
+
+def test_an_interval_of_two_seeds_is_clipped_to_0_100_and_flagged():
+    header, body = table_rows([ConfigRow("a", "x", values=[0.30, 0.60])], "final_miou", None)
+    ci = body[0][header.index("95% CI (%)")]
+    assert ci == "0.00–100.00 (n=2: too few seeds)"  # t(0.975, 1) = 12.7: mean ± 135 points
+    header, body = table_rows([ConfigRow("a", "x", values=[0.60, 0.61, 0.62])], "final_miou", None)
+    assert body[0][header.index("95% CI (%)")] == "58.52–63.48"
+
+
+def record_study(client, name: str, baseline: str | None, values: dict[str, list[float]]) -> str:
+    """A study as segdist.tune records it: a parent run, one finished child run per seed."""
+    from segdist.tracking import PARENT_TAG, ROLE_TAG, STATUS_TAG, STUDY_TAG, get_or_create_experiment
+
+    experiment_id = get_or_create_experiment(client, name, "sqlite://")
+    parent = client.create_run(experiment_id, tags={ROLE_TAG: "study", STUDY_TAG: name}).info.run_id
+    client.log_param(parent, "study.baseline", baseline or "")
+    for variant, seeds in values.items():
+        for seed, value in enumerate(seeds):
+            run = client.create_run(experiment_id, tags={PARENT_TAG: parent, ROLE_TAG: "trial", STATUS_TAG: "finished"})
+            for key, param in {"config_id": variant, "model.variant": variant, "overrides": "",
+                               "train.seed": seed}.items():
+                client.log_param(run.info.run_id, key, param)
+            client.log_metric(run.info.run_id, "final_miou", value)
+            client.set_terminated(run.info.run_id)
+    return parent
+
+
+def test_report_with_no_arguments_reports_the_latest_study_against_its_own_baseline(tmp_path, capsys):
+    from mlflow.tracking import MlflowClient
+
+    from segdist.report import main
+    from segdist.tracking import EXPERIMENT_KIND_TAG, MODEL_TRAINING
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    record_study(client, "older", None, {"naked": [0.5, 0.6]})
+    latest = record_study(client, "newer", "naked", {"naked": [0.60, 0.62, 0.61], "naked.sobel": [0.64, 0.65, 0.66]})
+    assert client.get_experiment_by_name("newer").tags[EXPERIMENT_KIND_TAG] == MODEL_TRAINING
+
+    assert main(["--tracking-uri", uri]) == 0
+    out, err = capsys.readouterr()
+    assert f"study 'newer' (run {latest})" in err and "baseline naked" in err
+    assert out.startswith("| configuration |") and "Δ vs naked (p, Welch)" in out
+    assert "| naked.sobel | naked.sobel | 3 | 65.00 ± 1.00 |" in out and "| naked | naked | 3 |" in out
+
+
+def test_report_of_an_unknown_experiment_lists_the_studies_of_the_store(tmp_path, capsys):
+    from mlflow.tracking import MlflowClient
+
+    from segdist.report import main
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    record_study(MlflowClient(uri), "quickstart", None, {"naked": [0.5]})
+    assert main(["--tracking-uri", uri, "--experiment", "quikstart"]) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if "segdist" in line]
+    assert errors == [f"segdist: error: no MLflow experiment named 'quikstart' in {uri}; its studies: quickstart"]

@@ -332,6 +332,9 @@ def test_a_restarted_worker_group_logs_no_epoch_twice_and_the_first_value_stays(
     # the model's static facts come from the driver's trial config, the device's from the worker
     assert run.data.params["model_params"] == str(config["trial"]["model_facts"]["params"]) != "0"
     assert run.data.params["model_precision"] == "fp32" and run.data.params["train.seed"] == "0"
+    # readable: the run says what it is, and MLflow's "Group by" can use the configuration param
+    variant = config["trial"]["recipe"]["model"]["variant"]
+    assert run.data.params["configuration"] == variant and run.info.run_name == f"{variant} · seed 0"
     assert set(run.data.metrics) == {"val_miou", "train_loss", "lr", "trial_startup_s", "trial_train_s", "trial_wall_s",
                                      "worker_restarts"}
     assert run.data.tags[STATUS_TAG] == FINISHED
@@ -626,3 +629,11 @@ def test_the_best_checkpoint_ray_still_keeps_is_logged(tmp_path, uri, ray_delete
     assert [a.path for a in client.list_artifacts(run_id, PICTURES_DIR)] == [f"{PICTURES_DIR}/confusion.png"]
     run = client.get_run(run_id)
     assert run.data.metrics["final_miou"] == 0.55 and run.data.tags[STATUS_TAG] == FINISHED
+
+
+def test_a_configuration_label_names_the_variant_and_the_searched_values():
+    from segdist.tracking import configuration_label
+
+    assert configuration_label("naked", {}) == "naked"
+    assert configuration_label("naked.fpn", {"model.variant": "naked.fpn", "train.lr": 0.01,
+                                             "train.crop_size": [321, 321]}) == "naked.fpn crop_size=[321, 321] lr=0.01"
