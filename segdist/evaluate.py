@@ -100,30 +100,36 @@ def _mode_arguments(mode) -> None:
                       "labelIds, or trainIds with --pred-ids train)")
 
 
+def add_inference_arguments(group) -> None:
+    """The inference options evaluate --checkpoint and segdist.predict share: MSF scales,
+    flip, tiles, DenseCRF, device and autocast (what none says, the checkpoint's recipe does)."""
+    group.add_argument("--scales", type=_float_list, default=None,
+                       help="comma-separated scales, e.g. 0.5,0.75,1,1.25,1.5 (default: the checkpoint's recipe, "
+                       "eval.scales)")
+    group.add_argument("--flip", action=argparse.BooleanOptionalAction, default=None,
+                       help="also average the left-right mirrored prediction (default: the recipe's eval.flip)")
+    group.add_argument("--tile", type=int, default=None,
+                       help="sliding-window tile size in pixels (1/3 overlap); 0 = whole image per scale "
+                       "(default: the recipe's eval.tile)")
+    group.add_argument("--tile-batch", type=int, default=4, help="tiles per forward pass (default 4)")
+    group.add_argument("--crf", action="store_true", help="DenseCRF on the MSF probabilities")
+    group.add_argument("--crf-param", type=_key_value, action="append", default=[], metavar="KEY=VALUE",
+                       help="CRF parameter (iter_max, pos_w, pos_xy_std, bi_w, bi_xy_std, bi_rgb_std); "
+                       "repeatable; defaults: DeepLab's 10, 3, 1, 4, 67, 3")
+    group.add_argument("--crf-workers", type=int, default=None,
+                       help="CRF processes (default: CPUs - 1)")
+    group.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    group.add_argument("--amp", choices=("none", "bf16", "fp16"), default="none", help="autocast dtype (GPU)")
+
+
 def _checkpoint_arguments(ck) -> None:
     ck.add_argument("--shards", help="validation shard folder or URL (with dataset.json)")
-    ck.add_argument("--scales", type=_float_list, default=None,
-                    help="comma-separated scales, e.g. 0.5,0.75,1,1.25,1.5 (default: the checkpoint's recipe, "
-                    "eval.scales)")
-    ck.add_argument("--flip", action=argparse.BooleanOptionalAction, default=None,
-                    help="also average the left-right mirrored prediction (default: the recipe's eval.flip)")
-    ck.add_argument("--tile", type=int, default=None,
-                    help="sliding-window tile size in pixels (1/3 overlap); 0 = whole image per scale "
-                    "(default: the recipe's eval.tile)")
-    ck.add_argument("--tile-batch", type=int, default=4, help="tiles per forward pass (default 4)")
-    ck.add_argument("--crf", action="store_true", help="DenseCRF on the MSF probabilities")
-    ck.add_argument("--crf-param", type=_key_value, action="append", default=[], metavar="KEY=VALUE",
-                    help="CRF parameter (iter_max, pos_w, pos_xy_std, bi_w, bi_xy_std, bi_rgb_std); "
-                    "repeatable; defaults: DeepLab's 10, 3, 1, 4, 67, 3")
-    ck.add_argument("--crf-workers", type=int, default=None,
-                    help="CRF processes (default: CPUs - 1)")
+    add_inference_arguments(ck)
     ck.add_argument("--save-probs", metavar="DIR",
                     help="also write float16 probabilities + image + label per sample (input of the CRF grid)")
     ck.add_argument("--save-pred", metavar="DIR",
                     help="also write predicted label PNGs in the official format (<key>.png)")
     ck.add_argument("--pictures", metavar="DIR", help="also write confusion_matrix.png and overlays.png")
-    ck.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    ck.add_argument("--amp", choices=("none", "bf16", "fp16"), default="none", help="autocast dtype (GPU)")
     ck.add_argument("--loader-workers", type=int, default=1, help="shard reading processes (default 1)")
     ck.add_argument("--limit", type=int, default=0, help="score only the first N images (quick look)")
 

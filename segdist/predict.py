@@ -45,7 +45,7 @@ from segdist.data.classes import CITYSCAPES_CLASSES, VOC_CLASSES
 from segdist.data.sample import decode_image
 from segdist.data.transforms import EvalTransform
 from segdist.errors import SegdistError, exit_on_user_error
-from segdist.evaluate import _float_list, _key_value, _pick_device  # the CLI conventions of evaluate
+from segdist.evaluate import _pick_device, add_inference_arguments  # the CLI conventions of evaluate
 from segdist.evaluation.checkpoint import TrainedModel, load_model
 from segdist.evaluation.sinks import (
     CrfPostProcessor,
@@ -94,21 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _inference_arguments(group) -> None:
-    group.add_argument("--scales", type=_float_list, default=None,
-                       help="comma-separated scales, e.g. 0.5,0.75,1 (default: the checkpoint recipe's "
-                       "eval.scales)")
-    group.add_argument("--flip", action=argparse.BooleanOptionalAction, default=None,
-                       help="also average the left-right mirrored prediction (default: the recipe's eval.flip)")
-    group.add_argument("--tile", type=int, default=None,
-                       help="sliding-window tile in pixels (1/3 overlap); 0 = whole image per scale "
-                       "(default: the recipe's eval.tile)")
-    group.add_argument("--tile-batch", type=int, default=4, help="tiles per forward pass (default 4)")
-    group.add_argument("--crf", action="store_true", help="DenseCRF on the probabilities")
-    group.add_argument("--crf-param", type=_key_value, action="append", default=[], metavar="KEY=VALUE",
-                       help="CRF parameter (iter_max, pos_w, pos_xy_std, bi_w, bi_xy_std, bi_rgb_std); repeatable")
-    group.add_argument("--crf-workers", type=int, default=None, help="CRF processes (default: CPUs - 1)")
-    group.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    group.add_argument("--amp", choices=("none", "bf16", "fp16"), default="none", help="autocast dtype (GPU)")
+    add_inference_arguments(group)
     group.add_argument("--threads", type=int, default=None, help="torch threads on the CPU (default: all CPUs; on a machine busy with "
                        "other jobs fewer, even 1, can be much faster)")
 
