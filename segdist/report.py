@@ -36,6 +36,7 @@ from segdist.tracking import (
     PARENT_TAG,
     ROLE_TAG,
     STATUS_TAG,
+    STUDY_RUN_TAG,
     client_for,
     experiment_by_name,
     mlflow_key,
@@ -78,9 +79,10 @@ def collect_rows(client: MlflowClient, experiment_id: str, parent_run_id: str, m
     quoted = quote_filter_value(parent_run_id)
     if quoted is None:
         raise SegdistError(f"{parent_run_id!r} is not an MLflow run id")
-    runs = client.search_runs(
-        [experiment_id], filter_string=f"tags.`{PARENT_TAG}` = {quoted}", max_results=50000
-    )
+    runs = client.search_runs(  # seed runs (under their configuration's run since it exists)
+        [experiment_id], filter_string=f"tags.`{STUDY_RUN_TAG}` = {quoted} and tags.`{ROLE_TAG}` = 'trial'",
+        max_results=50000,
+    ) or client.search_runs([experiment_id], filter_string=f"tags.`{PARENT_TAG}` = {quoted}", max_results=50000)
     metric = mlflow_key(metric)  # the key the tracker logged the metric under
     rows: dict[str, ConfigRow] = {}
     for run in runs:

@@ -39,16 +39,20 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from ray.tune import Callback
 
+from segdist.configuration_runs import CONFIGURATION_ROLE, ConfigurationRuns, finished_values
 from segdist.epoch_report import EpochReport, Fact
 from segdist.errors import SegdistError
-from segdist.outcome import DIVERGED, trial_outcome
+from segdist.outcome import DIVERGED, FINISHED, trial_outcome
+from segdist.stats import HEADLINE_METRIC
 
 DEFAULT_STORE = "mlflow.db"
 PARENT_TAG = "mlflow.parentRunId"
 TRIAL_KEY_TAG = "segdist.trial_key"  # config_id + seed: finds a trial's run again on resume
 STATUS_TAG = "segdist.status"  # finished | diverged | failed | stopped_early
 STUDY_TAG = "segdist.study"
-ROLE_TAG = "segdist.role"  # study | trial
+ROLE_TAG = "segdist.role"  # study | configuration | trial (a seed's run)
+STUDY_RUN_TAG = "segdist.study_run"  # the study's run of a configuration or seed run (MLflow nests
+#                                      seed runs under their configuration's run, that one under the study's)
 KEY_NAMES_ARTIFACT = "mlflow_key_names.json"  # MLflow key -> the name it stands for, where they differ
 # Environment variables whose values must never reach MLflow (tokens, keys, passwords).
 _SECRET_WORDS = ("TOKEN", "SECRET", "PASSWORD", "KEY", "CREDENTIAL")
@@ -529,12 +533,17 @@ class StudyTracker:
             raise _NoRun(handle)
         return self.run_ids[handle]
 
-    def existing_trials(self) -> dict[str, Any]:
-        """trial_key -> the run of this study that already holds it (for --resume)."""
+    def existing_trials(self, role: str = "trial") -> dict[str, Any]:
+        """Handle (a trial key, or a configuration's handle) -> the run of this study that
+        already holds it, of runs of `role` (for --resume). A study recorded before
+        configuration runs existed has its seed runs directly under the study's run."""
+        study = quote_filter_value(self.parent_run_id)
         runs = self.client.search_runs(
-            [self.experiment_id], filter_string=f"tags.`{PARENT_TAG}` = {quote_filter_value(self.parent_run_id)}",
-            max_results=50000,
-        )
+            [self.experiment_id], max_results=50000,
+            filter_string=f"tags.`{STUDY_RUN_TAG}` = {study} and tags.`{ROLE_TAG}` = '{role}'")
+        if not runs and role == "trial":
+            runs = self.client.search_runs(
+                [self.experiment_id], filter_string=f"tags.`{PARENT_TAG}` = {study}", max_results=50000)
         return {run.data.tags[TRIAL_KEY_TAG]: run for run in runs if TRIAL_KEY_TAG in run.data.tags}
 
     def _created_before(self, handle: str) -> str | None:
@@ -545,11 +554,13 @@ class StudyTracker:
             return None
         runs = self.client.search_runs(
             [self.experiment_id], max_results=10,
-            filter_string=f"tags.`{PARENT_TAG}` = '{self.parent_run_id}' and tags.`{TRIAL_KEY_TAG}` = {quoted}")
+            filter_string=f"tags.`{STUDY_RUN_TAG}` = '{self.parent_run_id}' and tags.`{TRIAL_KEY_TAG}` = {quoted}")
         return runs[0].info.run_id if runs else None
 
-    def start_trial(self, name: str, handle: str, params: dict[str, Any], run_id: str | None = None) -> str:
-        """Queue the trial's run (or reopen `run_id`, a resumed trial's); returns the handle."""
+    def start_trial(self, name: str, handle: str, params: dict[str, Any], run_id: str | None = None,
+                    parent: str | None = None, role: str = "trial") -> str:
+        """Queue the run of `handle` (or reopen `run_id`, a resumed trial's): a child of the
+        run of handle `parent` (a configuration's), else of the study's; returns the handle."""
         if run_id is not None:
             self.run_ids[handle] = run_id
             self._write(f"reopen {handle}", lambda: self.client.update_run(run_id, status="RUNNING"))
@@ -565,7 +576,8 @@ class StudyTracker:
             attempts.append(time.time())
             run = self.client.create_run(
                 self.experiment_id, run_name=name[:250],
-                tags={PARENT_TAG: self.parent_run_id, TRIAL_KEY_TAG: handle, ROLE_TAG: "trial"},
+                tags={PARENT_TAG: self.run_id(parent) if parent else self.parent_run_id,
+                      STUDY_RUN_TAG: self.parent_run_id, TRIAL_KEY_TAG: handle, ROLE_TAG: role},
             )
             self.run_ids[handle] = run.info.run_id
 
@@ -693,10 +705,16 @@ class MlflowTrialCallback(Callback):
     """Tune callback in the driver: a child run per trial, every epoch's metrics exactly
     once, the best checkpoint as an artifact, and the trial's final status."""
 
-    def __init__(self, tracker: StudyTracker, storage: str, existing: dict[str, Any] | None = None):
+    def __init__(self, tracker: StudyTracker, storage: str, existing: dict[str, Any] | None = None,
+                 baseline: str | None = None):
+        """`existing`: trial key -> seed run of a resumed study (its configuration runs are
+        looked up too); `baseline`: the study's, for the configuration runs' deltas."""
         self.tracker = tracker
         self.storage = storage
         self.existing = existing or {}
+        self.configurations = ConfigurationRuns(
+            tracker, existing=tracker.existing_trials(CONFIGURATION_ROLE) if self.existing else {},
+            finished=finished_values(self.existing), baseline=baseline)
         self.runs: dict[str, str] = {}  # Tune trial id -> tracker handle (the trial key)
         self.last_epoch: dict[str, int] = {}
         self.last_result: dict[str, dict] = {}
@@ -720,7 +738,9 @@ class MlflowTrialCallback(Callback):
         run_id = previous.info.run_id if previous is not None else None
         params = {**config["flat"], **model_params(config["model_facts"]), CONFIGURATION_PARAM: label}
         name = f"{label} · seed {config['seed']}"
-        self.runs[trial.trial_id] = self.tracker.start_trial(name, key, params, run_id=run_id)
+        parent = self.configurations.start(config["config_id"], label, config["recipe"]["model"]["variant"],
+                                           {k: v for k, v in params.items() if k != "train.seed"})
+        self.runs[trial.trial_id] = self.tracker.start_trial(name, key, params, run_id=run_id, parent=parent)
         # Before the lookup below, which fails while the store is away: without them the
         # trial's later hooks would fail too, and its run never get its status or end.
         self.started_at[trial.trial_id] = time.time()
@@ -808,6 +828,15 @@ class MlflowTrialCallback(Callback):
             tags["segdist.error"] = EpochReport.from_result(last).diverged
         self.tracker.set_tags(handle, tags)
         self.tracker.finish(handle, "FAILED" if outcome == DIVERGED else "FINISHED")
+        value = EpochReport.from_result(last).metrics.get(HEADLINE_METRIC) if last else None
+        if outcome == FINISHED and value is not None and math.isfinite(value):
+            self.configurations.record(config["config_id"], config["seed"], value)
+
+    def on_experiment_end(self, trials, **info):
+        try:
+            self.configurations.end()
+        except Exception as err:  # noqa: BLE001 - as never_raises: the study's results stand
+            warn(f"MLflow callback on_experiment_end failed: {err}")
 
     @never_raises
     def on_trial_error(self, iteration, trials, trial, **info):

@@ -456,7 +456,7 @@ def run_study(study: StudyConfig, args: argparse.Namespace, tracking_uri: str, s
     ended = ended_trials(existing)
     end_runs_left_running(tracker, existing, ended)
     scheduler = SeedScheduler(expand_configs(study), study.seeds, ended=ended)
-    callback = MlflowTrialCallback(tracker, storage, existing=existing)
+    callback = MlflowTrialCallback(tracker, storage, existing=existing, baseline=study.baseline)
     screening = study.screening
     tuner = ray.tune.Tuner(
         # The trial function only waits on its TorchTrainer, whose workers hold the CPUs.

@@ -259,7 +259,7 @@ def test_gcn_study_smoke_runs_on_ray_and_records_one_child_run_per_configuration
     for run in children:
         assert run.info.status == "FINISHED"
         assert run.data.tags.get("segdist.status") == "finished"
-        assert run.data.tags["mlflow.parentRunId"] == parents[0].info.run_id
+        assert run.data.tags["segdist.study_run"] == parents[0].info.run_id
         assert run.data.params["train.seed"] == "0"
         # every recipe field is a param of the trial
         assert run.data.params["train.optimizer"] == "adam_tf1" and run.data.params["recipe.protocol"] == "original"

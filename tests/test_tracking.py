@@ -26,6 +26,7 @@ from segdist.outcome import DIVERGED, FAILED, FINISHED, STOPPED_EARLY
 from segdist.tracking import (
     PARENT_TAG,
     STATUS_TAG,
+    STUDY_RUN_TAG,
     TRIAL_KEY_TAG,
     MlflowTrialCallback,
     StudyTracker,
@@ -395,7 +396,8 @@ def test_resume_reopens_the_trials_run_and_logs_only_the_epochs_it_lacks(tmp_pat
     assert not tracker.pending
 
     client = MlflowClient(tracking_uri=uri)
-    runs = client.search_runs([tracker.experiment_id], filter_string=f"tags.`{PARENT_TAG}` = '{parent}'")
+    runs = client.search_runs([tracker.experiment_id], filter_string=f"tags.`{STUDY_RUN_TAG}` = '{parent}' "
+                              "and tags.`segdist.role` = 'trial'")
     assert len(runs) == 2  # reopened, not duplicated
     assert steps_of(client, run_a, "val_miou") == [(0, 0.10), (1, 0.20), (2, 0.30), (3, 0.40)]
     run = client.get_run(run_a)
@@ -462,7 +464,8 @@ def test_a_resumed_trial_that_starts_while_the_store_is_away_still_gets_its_stat
     tracker.RETRY_EVERY_S = 0.0  # retry at every write
     trial = FakeTrial("a2", config)
     callback.on_trial_start(0, [], trial)
-    assert [what for what, _ in tracker.pending] == [f"reopen {config['trial']['trial_key']}"]
+    assert [what for what, _ in tracker.pending] == [f"reopen configuration {config['trial']['config_id']}",
+                                                     f"reopen {config['trial']['trial_key']}"]
     gone.away = False
     callback.on_trial_result(1, [], trial, result(1, 0.20, started_at=2000.0, history=[history_entry(0, 0.10)]))
     callback.on_trial_result(2, [], trial, result(2, 0.30, started_at=2000.0))
@@ -563,8 +566,8 @@ def test_a_trial_tune_runs_again_keeps_its_run_and_its_start(tmp_path, uri):
     callback.on_trial_complete(5, [], trial)
     assert callback.started_at["t0"] == started and not tracker.pending
     client = MlflowClient(tracking_uri=uri)
-    runs = client.search_runs([tracker.experiment_id],
-                              filter_string=f"tags.`{PARENT_TAG}` = '{tracker.parent_run_id}'")
+    runs = client.search_runs([tracker.experiment_id], filter_string=f"tags.`{STUDY_RUN_TAG}` = "
+                              f"'{tracker.parent_run_id}' and tags.`segdist.role` = 'trial'")
     assert len(runs) == 1
     assert steps_of(client, runs[0].info.run_id, "val_miou") == [(0, 0.5), (1, 0.6), (2, 0.7)]
     assert runs[0].data.metrics["worker_restarts"] == 1 and runs[0].data.tags[STATUS_TAG] == FINISHED

@@ -174,10 +174,11 @@ def _tune(study, tracker, storage: str, trials: int):
 
 def _check_store(tracker, trials: int) -> dict[str, Any]:
     """Every trial's child run, with its status tag and its epoch's metrics, in MLflow."""
-    from segdist.tracking import PARENT_TAG, STATUS_TAG, mlflow_key
+    from segdist.tracking import ROLE_TAG, STATUS_TAG, STUDY_RUN_TAG, mlflow_key
 
     runs = tracker.client.search_runs([tracker.experiment_id], max_results=50000,
-                                      filter_string=f"tags.`{PARENT_TAG}` = '{tracker.parent_run_id}'")
+                                      filter_string=f"tags.`{STUDY_RUN_TAG}` = '{tracker.parent_run_id}' "
+                                                    f"and tags.`{ROLE_TAG}` = 'trial'")
     key = mlflow_key("val_iou_potted plant")
     with_metrics = sum(1 for r in runs if {"val_miou", "final_miou", key, "trial_wall_s"} <= r.data.metrics.keys())
     finished = sum(1 for r in runs if r.data.tags.get(STATUS_TAG) == "finished" and r.info.status == "FINISHED")

@@ -39,7 +39,7 @@ def interrupt_and_check_recovery(space: Path, cwd: Path, fault, *extra: str, env
     assert run.info.status == "FINISHED" and run.data.tags["segdist.status"] == "finished"
     assert steps(client, run) == [0, 1, 2]
     assert run.data.metrics["worker_restarts"] >= 1
-    report = open(client.download_artifacts(run.data.tags["mlflow.parentRunId"], "report.md")).read()
+    report = open(client.download_artifacts(run.data.tags["segdist.study_run"], "report.md")).read()
     assert "worker restarts" in report
 
 

@@ -106,7 +106,7 @@ def test_a_study_whose_end_never_reached_mlflow_resumes(tmp_path, tiny_shards):
     (run,) = trial_runs(client)
     client.delete_tag(run.info.run_id, "segdist.status")
     client.update_run(run.info.run_id, status="RUNNING")
-    client.update_run(run.data.tags["mlflow.parentRunId"], status="RUNNING")
+    client.update_run(run.data.tags["segdist.study_run"], status="RUNNING")
     final = run.data.metrics["final_miou"]
 
     code, output = finish(start_tune(space, tmp_path, "--resume"))
@@ -116,7 +116,7 @@ def test_a_study_whose_end_never_reached_mlflow_resumes(tmp_path, tiny_shards):
     assert again.data.tags["segdist.status"] == "finished" and again.info.status == "FINISHED"
     assert steps(client, again) == [0]  # the epoch is not logged twice, nor trained again
     assert again.data.metrics["final_miou"] == final
-    assert client.get_run(run.data.tags["mlflow.parentRunId"]).info.status == "FINISHED"
+    assert client.get_run(run.data.tags["segdist.study_run"]).info.status == "FINISHED"
 
 
 @pytest.mark.parametrize("damage", ["truncated", "deleted"])

@@ -30,7 +30,17 @@ def assert_study_recorded(client: MlflowClient):
     assert len(parents) == 1
     parent = parents[0]
     assert len(children) == 2
-    assert {r.data.tags["mlflow.parentRunId"] for r in children} == {parent.info.run_id}
+    # three levels: study -> configuration (the seed aggregates) -> seed runs
+    (configuration,) = [r for r in client.search_runs([parent.info.experiment_id])
+                        if r.data.tags.get("segdist.role") == "configuration"]
+    assert configuration.data.tags["mlflow.parentRunId"] == parent.info.run_id
+    assert {r.data.tags["mlflow.parentRunId"] for r in children} == {configuration.info.run_id}
+    assert {r.data.tags["segdist.study_run"] for r in children} == {parent.info.run_id}
+    assert configuration.info.status == "FINISHED" and configuration.data.metrics["seeds"] == 2
+    mean = sum(r.data.metrics["final_miou"] for r in children) / 2
+    assert abs(configuration.data.metrics["final_miou_mean"] - mean) < 1e-9
+    assert "train.seed" not in configuration.data.params and configuration.data.params["model.variant"] == "naked"
+    assert [a.path for a in client.list_artifacts(configuration.info.run_id)] == ["seeds.png"]
     assert sorted(r.data.params["train.seed"] for r in children) == ["0", "1"]
     assert len({r.data.params["config_id"] for r in children}) == 1
     for run in children:
@@ -141,6 +151,6 @@ def test_asha_screening_runs_and_stopped_trials_are_counted_not_averaged(tmp_pat
             assert max(history) < 2 and "final_miou" not in run.data.metrics
         else:
             assert history == [0, 1, 2]
-    table = open(client.download_artifacts(children[0].data.tags["mlflow.parentRunId"], "report.md")).read()
+    table = open(client.download_artifacts(children[0].data.tags["segdist.study_run"], "report.md")).read()
     stopped = statuses.count("stopped_early")
     assert (f"{stopped} stopped_early" in table) if stopped else ("stopped_early" not in table)
