@@ -30,11 +30,14 @@ def aggregate_metrics(values: list[float], baseline: list[float] | None,
                       metric: str = HEADLINE_METRIC) -> dict[str, float]:
     """A configuration's seed aggregates (module docstring) for its finished seeds' `values`;
     the delta and Welch's p against `baseline`'s values when given (None: no baseline, or
-    this configuration is it). Non-finite values (a one-seed interval, p of < 2 seeds) are
-    left out, as MLflow charts cannot show them."""
+    this configuration is it). The interval is clipped to 0..1 (an mIoU cannot leave it).
+    Non-finite values (a one-seed interval, p of < 2 seeds) are left out, as MLflow charts
+    cannot show them."""
     summary = summarize(values)
+    # clipped to 0..1, as the report shows it: a t interval of two seeds is usually wider
+    low, high = (max(0.0, summary.ci_low), min(1.0, summary.ci_high)) if summary.n > 1 else (math.nan, math.nan)
     metrics = {"seeds": float(summary.n), f"{metric}_mean": summary.mean, f"{metric}_std": summary.std,
-               f"{metric}_ci_low": summary.ci_low, f"{metric}_ci_high": summary.ci_high}
+               f"{metric}_ci_low": low, f"{metric}_ci_high": high}
     if baseline:
         metrics[f"{metric}_delta"] = summary.mean - summarize(baseline).mean
         metrics[f"{metric}_welch_p"] = welch_p_value(values, baseline)

@@ -32,7 +32,7 @@ import urllib.request
 from collections import deque
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 from mlflow.entities import LifecycleStage, Metric, Param, RunTag, ViewType
 from mlflow.exceptions import MlflowException
@@ -706,9 +706,12 @@ class MlflowTrialCallback(Callback):
     once, the best checkpoint as an artifact, and the trial's final status."""
 
     def __init__(self, tracker: StudyTracker, storage: str, existing: dict[str, Any] | None = None,
-                 baseline: str | None = None):
+                 baseline: str | None = None, progress: TextIO | None = None):
         """`existing`: trial key -> seed run of a resumed study (its configuration runs are
-        looked up too); `baseline`: the study's, for the configuration runs' deltas."""
+        looked up too); `baseline`: the study's, for the configuration runs' deltas;
+        `progress`: where to print one line per trial epoch and per trial end (None: nowhere)."""
+        self.progress = progress
+        self.names: dict[str, str] = {}  # Tune trial id -> its run's name, for the progress lines
         self.tracker = tracker
         self.storage = storage
         self.existing = existing or {}
@@ -737,7 +740,7 @@ class MlflowTrialCallback(Callback):
         label = configuration_label(config["recipe"]["model"]["variant"], config["overrides"])
         run_id = previous.info.run_id if previous is not None else None
         params = {**config["flat"], **model_params(config["model_facts"]), CONFIGURATION_PARAM: label}
-        name = f"{label} · seed {config['seed']}"
+        name = self.names[trial.trial_id] = f"{label} · seed {config['seed']}"
         parent = self.configurations.start(config["config_id"], label, config["recipe"]["model"]["variant"],
                                            {k: v for k, v in params.items() if k != "train.seed"})
         self.runs[trial.trial_id] = self.tracker.start_trial(name, key, params, run_id=run_id, parent=parent)
@@ -773,6 +776,9 @@ class MlflowTrialCallback(Callback):
         self.last_epoch[trial.trial_id] = epoch
         self.last_result[trial.trial_id] = result
         self.tracker.log_metrics(handle, report.metrics, step=epoch)
+        self._say(trial, f"epoch {epoch + 1}/{trial.config['trial']['recipe']['train']['epochs']}  "
+                         + "  ".join(f"{key} {100 * report.metrics[key]:.2f}%"
+                                     for key in ("val_miou", HEADLINE_METRIC) if key in report.metrics))
         if report.facts:
             self.tracker.log_params(handle, model_params(report.facts))
         if trial.trial_id not in self.timings:
@@ -828,6 +834,7 @@ class MlflowTrialCallback(Callback):
             tags["segdist.error"] = EpochReport.from_result(last).diverged
         self.tracker.set_tags(handle, tags)
         self.tracker.finish(handle, "FAILED" if outcome == DIVERGED else "FINISHED")
+        self._say(trial, outcome)
         value = EpochReport.from_result(last).metrics.get(HEADLINE_METRIC) if last else None
         if outcome == FINISHED and value is not None and math.isfinite(value):
             self.configurations.record(config["config_id"], config["seed"], value)
@@ -848,3 +855,9 @@ class MlflowTrialCallback(Callback):
         if handle is not None:
             self.tracker.set_tags(handle, {STATUS_TAG: status, "segdist.error": redact(error.strip()[-500:])})
             self.tracker.finish(handle, "FAILED")
+        self._say(trial, f"{status} ({error.strip().splitlines()[-1][:200] if error.strip() else 'no message'})")
+
+    def _say(self, trial, what: str) -> None:
+        """One progress line of a trial (`<configuration> · seed N: what`), when asked for."""
+        if self.progress is not None:
+            print(f"{self.names.get(trial.trial_id, trial.trial_id)}: {what}", file=self.progress, flush=True)

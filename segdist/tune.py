@@ -456,7 +456,7 @@ def run_study(study: StudyConfig, args: argparse.Namespace, tracking_uri: str, s
     ended = ended_trials(existing)
     end_runs_left_running(tracker, existing, ended)
     scheduler = SeedScheduler(expand_configs(study), study.seeds, ended=ended)
-    callback = MlflowTrialCallback(tracker, storage, existing=existing, baseline=study.baseline)
+    callback = MlflowTrialCallback(tracker, storage, existing=existing, baseline=study.baseline, progress=sys.stdout)
     screening = study.screening
     tuner = ray.tune.Tuner(
         # The trial function only waits on its TorchTrainer, whose workers hold the CPUs.
@@ -477,7 +477,9 @@ def run_study(study: StudyConfig, args: argparse.Namespace, tracking_uri: str, s
             ) if screening else None,
         ),
         run_config=ray.tune.RunConfig(
-            name="tune", storage_path=storage, callbacks=[callback], verbose=1,
+            # verbose=0: Tune's own tables print every trial's whole config; the callback says
+            # one line per trial epoch and per trial end instead.
+            name="tune", storage_path=storage, callbacks=[callback], verbose=0,
             # A trial whose own task died (its node lost before its Train controller started,
             # or the controller itself): run_trial again, which continues from the checkpoint.
             failure_config=ray.tune.FailureConfig(max_failures=TRIAL_RETRIES),

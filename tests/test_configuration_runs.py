@@ -20,6 +20,11 @@ def test_aggregates_of_one_seed_leave_out_what_one_seed_cannot_say():
     assert aggregate_metrics([0.6], None) == {"seeds": 1.0, "final_miou_mean": 0.6}
 
 
+def test_the_interval_of_two_seeds_is_clipped_to_what_an_miou_can_be():
+    metrics = aggregate_metrics([0.52, 0.67], None)  # t(0.975, 1) = 12.7: 0.595 +- 0.95
+    assert (metrics["final_miou_ci_low"], metrics["final_miou_ci_high"]) == (0.0, 1.0)
+
+
 def test_aggregates_against_a_baseline():
     values, base = [0.60, 0.62, 0.64], [0.55, 0.56, 0.60]
     metrics = aggregate_metrics(values, base)

@@ -73,6 +73,8 @@ def test_tiny_study_on_local_ray_is_recorded_in_mlflow(tmp_path, tiny_shards):
     # Readable (issue 18): no per-worker report dumps, no best-trial line with the whole config.
     assert "Reporting training result" not in console and "Current best trial" not in console
     assert "Ray's logs (each worker's output, Ray Train's reports): /" in console
+    assert "naked · seed 0: epoch 1/1  val_miou " in console and "naked · seed 1: finished" in console
+    assert "Trial status" not in console  # Tune's tables (each trial's whole config) are off
     assert (tmp_path / "mlflow.db").exists()
     assert_study_recorded(MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}"))
 
