@@ -46,8 +46,8 @@ def aggregate_metrics(values: list[float], baseline: list[float] | None,
 
 def finished_values(runs: dict[str, Any], metric: str = HEADLINE_METRIC) -> dict[str, dict[int, float]]:
     """config_id -> {seed: `metric`} of the seed runs (trial key -> MLflow run) that finished."""
+    from segdist.mlflow_store import STATUS_TAG
     from segdist.outcome import FINISHED
-    from segdist.tracking import STATUS_TAG
 
     values: dict[str, dict[int, float]] = {}
     for run in runs.values():
@@ -106,7 +106,7 @@ class ConfigurationRuns:
         values = list(self.values[config_id].values())
         baseline = list(self.values.get(base, {}).values()) if base not in (None, config_id) else None
         self.tracker.log_metrics(handle, aggregate_metrics(values, baseline), step=len(values))
-        from segdist.report import ConfigRow, seeds_figure  # report reads MLflow through tracking
+        from segdist.report import ConfigRow, seeds_figure  # report reads MLflow through mlflow_store
 
         row = ConfigRow(config_id, self.labels[config_id], values=values, seeds=list(self.values[config_id]))
         self.tracker.log_image(handle, seeds_figure([row], HEADLINE_METRIC), "seeds.png")

@@ -1,7 +1,7 @@
 """What a trial's worker reports to the driver after each epoch, in explicit parts.
 
     worker: train.fit / crf.crf_grid_trial --EpochReport.result()--> ray.train.report / ray.tune.report
-    driver: Tune result --EpochReport.from_result()--> tracking.MlflowTrialCallback (MLflow)
+    driver: Tune result --EpochReport.from_result()--> mlflow_callback.MlflowTrialCallback (MLflow)
 
 Tune's searcher, schedulers and stoppers read a result's metrics as its top-level keys
 (`val_miou`, `final_miou`, `epoch`); Ray and Tune add their own bookkeeping keys beside them

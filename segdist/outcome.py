@@ -1,5 +1,5 @@
 """How a trial ended, decided in one place for the seed searcher (segdist.tune), the MLflow
-callback (segdist.tracking), the study runner's exit status and the report.
+callback (segdist.mlflow_callback), the study runner's exit status and the report.
 
     finished       its last report is the last epoch's: the trial has a headline value
     stopped_early  ended without an error before its last epoch (ASHA screening stopped it)

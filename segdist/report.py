@@ -29,9 +29,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from segdist.errors import SegdistError, exit_on_user_error
-from segdist.outcome import FAILED, FINISHED
-from segdist.stats import HEADLINE_METRIC, Summary, summarize, welch_p_value
-from segdist.tracking import (
+from segdist.mlflow_store import (
     CONFIGURATION_PARAM,
     PARENT_TAG,
     ROLE_TAG,
@@ -43,6 +41,8 @@ from segdist.tracking import (
     quote_filter_value,
     resolve_tracking_uri,
 )
+from segdist.outcome import FAILED, FINISHED
+from segdist.stats import HEADLINE_METRIC, Summary, summarize, welch_p_value
 
 # The final epoch's evaluation with the study's settings (MSF, flip) is what seeds compare.
 BOUNDARY_METRIC = re.compile(r"^final_(boundary|inner)(\d+)_miou$")
@@ -67,7 +67,7 @@ class ConfigRow:
 
 def config_label(params: dict[str, str]) -> str:
     """What distinguishes a configuration: its variant plus the values the search chose (the
-    run's `configuration` param, tracking.configuration_label; rebuilt for older runs)."""
+    run's `configuration` param, mlflow_callback.configuration_label; rebuilt for older runs)."""
     if CONFIGURATION_PARAM in params:
         return params[CONFIGURATION_PARAM]
     label = params.get("model.variant", "?")
@@ -310,7 +310,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # stdout is the table's
     uri = resolve_tracking_uri(args.tracking_uri)
-    from segdist.tracking import check_reachable
+    from segdist.mlflow_store import check_reachable
 
     check_reachable(uri)
     client = client_for(uri)

@@ -182,7 +182,7 @@ def resolve_stores(tracking_uri: str | None, storage: str | None) -> tuple[str, 
     else ./mlflow.db and ./ray_results. Each checked before any compute: unreachable or not
     writable, or, inside a Ray job, under the job's working directory (a temporary copy Ray
     deletes with the job), raises SegdistError."""
-    from segdist.tracking import check_reachable, local_store_path, resolve_tracking_uri
+    from segdist.mlflow_store import check_reachable, local_store_path, resolve_tracking_uri
 
     tracking_uri = resolve_tracking_uri(tracking_uri)
     storage = storage or os.environ.get(STORAGE_ENV) or None
@@ -370,7 +370,7 @@ def make_searcher(scheduler, storage: str):
 def find_study_to_resume(uri: str, study: StudyConfig) -> str:
     from mlflow.entities import LifecycleStage, ViewType
 
-    from segdist.tracking import ROLE_TAG, STUDY_TAG, client_for, experiment_by_name, quote_filter_value
+    from segdist.mlflow_store import ROLE_TAG, STUDY_TAG, client_for, experiment_by_name, quote_filter_value
 
     client = client_for(uri)
     experiment = experiment_by_name(client, study.name)
@@ -408,8 +408,8 @@ def ended_trials(existing: dict[str, Any]) -> dict[str, tuple[float | None, bool
     the same as the searcher recorded them. A run without the tag did not end as far as MLflow
     knows: its trial runs again, from its checkpoint (one of its last epoch reports that epoch
     again, train.fit)."""
+    from segdist.mlflow_store import STATUS_TAG
     from segdist.stats import HEADLINE_METRIC
-    from segdist.tracking import STATUS_TAG
 
     ended = {}
     for key, run in existing.items():
@@ -423,7 +423,7 @@ def end_runs_left_running(tracker, existing: dict[str, Any], ended: dict[str, An
     """Ended trials whose MLflow run is still RUNNING (the driver died between the trial's
     status tag and its run's end) are ended now, as the callback would have: FAILED for a
     diverged or failed trial, FINISHED otherwise."""
-    from segdist.tracking import STATUS_TAG
+    from segdist.mlflow_store import STATUS_TAG
 
     for key in ended:
         run = existing[key]
@@ -436,10 +436,11 @@ def run_study(study: StudyConfig, args: argparse.Namespace, tracking_uri: str, s
     import ray.tune
     from ray.tune.schedulers import ASHAScheduler
 
+    from segdist.mlflow_callback import MlflowTrialCallback
     from segdist.report import collect_rows, seeds_figure, study_table
     from segdist.seeds import SeedScheduler
     from segdist.stats import HEADLINE_METRIC
-    from segdist.tracking import MlflowTrialCallback, StudyTracker
+    from segdist.tracking import StudyTracker
 
     parent = find_study_to_resume(tracking_uri, study) if args.resume else None
     tracker = StudyTracker(tracking_uri, study.name, study.name, parent_run_id=parent)
@@ -549,7 +550,8 @@ def run_crf_study(args: argparse.Namespace) -> int:
     parameter set, each an MLflow child run of the study's parent run."""
     from segdist.crf import load_crf_grid, run_crf_grid
     from segdist.epoch_report import EpochReport
-    from segdist.tracking import STATUS_TAG, StudyTracker
+    from segdist.mlflow_store import STATUS_TAG
+    from segdist.tracking import StudyTracker
 
     grid = load_crf_grid(args.space)
     if args.smoke and not (args.dry_run or args.explain):

@@ -1,6 +1,6 @@
 """Pictures of an evaluation: the confusion matrix and image | ground truth | prediction
 overlays, as matplotlib figures or PNG bytes (Agg backend, no display needed). Training
-saves them beside its checkpoint; the MLflow callback logs them (segdist.tracking).
+saves them beside its checkpoint; the MLflow callback logs them (segdist.mlflow_callback).
 
     png = confusion_matrix_png(confusion, classes)
     png = overlays_png(examples, classes)          # examples: [(key, rgb, gt, pred), ...]

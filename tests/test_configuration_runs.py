@@ -12,8 +12,9 @@ from segdist.configuration_runs import (
     configuration_handle,
     finished_values,
 )
+from segdist.mlflow_store import STATUS_TAG, STUDY_RUN_TAG
 from segdist.stats import summarize, welch_p_value
-from segdist.tracking import STATUS_TAG, STUDY_RUN_TAG, StudyTracker
+from segdist.tracking import StudyTracker
 
 
 def test_aggregates_of_one_seed_leave_out_what_one_seed_cannot_say():

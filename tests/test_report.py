@@ -59,7 +59,7 @@ def test_an_interval_of_two_seeds_is_clipped_to_0_100_and_flagged():
 
 def record_study(client, name: str, baseline: str | None, values: dict[str, list[float]]) -> str:
     """A study as segdist.tune records it: a parent run, one finished child run per seed."""
-    from segdist.tracking import PARENT_TAG, ROLE_TAG, STATUS_TAG, STUDY_TAG, get_or_create_experiment
+    from segdist.mlflow_store import PARENT_TAG, ROLE_TAG, STATUS_TAG, STUDY_TAG, get_or_create_experiment
 
     experiment_id = get_or_create_experiment(client, name, "sqlite://")
     parent = client.create_run(experiment_id, tags={ROLE_TAG: "study", STUDY_TAG: name}).info.run_id
@@ -78,8 +78,8 @@ def record_study(client, name: str, baseline: str | None, values: dict[str, list
 def test_report_with_no_arguments_reports_the_latest_study_against_its_own_baseline(tmp_path, capsys):
     from mlflow.tracking import MlflowClient
 
+    from segdist.mlflow_store import EXPERIMENT_KIND_TAG, MODEL_TRAINING
     from segdist.report import main
-    from segdist.tracking import EXPERIMENT_KIND_TAG, MODEL_TRAINING
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client = MlflowClient(uri)

@@ -1,7 +1,8 @@
-"""segdist.tracking without Ray (issue 15, point 7): the tracker's ordered retry queue, and the
-Tune callback's epoch de-duplication, resume, outcomes and best checkpoint. Real MLflow (a
-sqlite store in tmp_path, or a real `mlflow server` on loopback that a test takes away and
-brings back); Ray's Trial is played by a small stand-in and its hooks are called directly."""
+"""segdist.tracking and segdist.mlflow_callback without Ray (issue 15, point 7): the tracker's
+ordered retry queue, and the Tune callback's epoch de-duplication, resume, outcomes and best
+checkpoint. Real MLflow (a sqlite store in tmp_path, or a real `mlflow server` on loopback that
+a test takes away and brings back); Ray's Trial is played by a small stand-in and its hooks are
+called directly."""
 
 import json
 import math
@@ -22,15 +23,10 @@ from mlflow.tracking import MlflowClient
 
 from segdist.config import expand_configs, parse_study, with_seed
 from segdist.epoch_report import EpochReport
+from segdist.mlflow_callback import MlflowTrialCallback
+from segdist.mlflow_store import PARENT_TAG, STATUS_TAG, STUDY_RUN_TAG, TRIAL_KEY_TAG
 from segdist.outcome import DIVERGED, FAILED, FINISHED, STOPPED_EARLY
-from segdist.tracking import (
-    PARENT_TAG,
-    STATUS_TAG,
-    STUDY_RUN_TAG,
-    TRIAL_KEY_TAG,
-    MlflowTrialCallback,
-    StudyTracker,
-)
+from segdist.tracking import StudyTracker
 from segdist.train import PICTURES_DIR
 from segdist.tune import find_study_to_resume, trial_params
 from tests.conftest import free_port, wait_http
@@ -635,7 +631,7 @@ def test_the_best_checkpoint_ray_still_keeps_is_logged(tmp_path, uri, ray_delete
 
 
 def test_a_configuration_label_names_the_variant_and_the_searched_values():
-    from segdist.tracking import configuration_label
+    from segdist.mlflow_callback import configuration_label
 
     assert configuration_label("naked", {}) == "naked"
     assert configuration_label("naked.fpn", {"model.variant": "naked.fpn", "train.lr": 0.01,

@@ -17,12 +17,11 @@ from mlflow.utils.validation import _validate_metric_name
 
 from segdist import report
 from segdist.errors import SegdistError
-from segdist.tracking import (
+from segdist.mlflow_store import (
     KEY_NAMES_ARTIFACT,
     ROLE_TAG,
     STATUS_TAG,
     STUDY_TAG,
-    StudyTracker,
     artifact_location,
     check_reachable,
     client_for,
@@ -31,6 +30,7 @@ from segdist.tracking import (
     quote_filter_value,
     resolve_tracking_uri,
 )
+from segdist.tracking import StudyTracker
 from segdist.tune import find_study_to_resume
 
 # Names a user may choose: a study name, a class name in dataset.json, a variant string.

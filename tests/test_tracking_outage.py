@@ -17,14 +17,9 @@ from mlflow.store.artifact.http_artifact_repo import HttpArtifactRepository
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
-from segdist.tracking import (
-    KEY_NAMES_ARTIFACT,
-    PARENT_TAG,
-    STATUS_TAG,
-    MlflowTrialCallback,
-    StudyTracker,
-    mlflow_key,
-)
+from segdist.mlflow_callback import MlflowTrialCallback
+from segdist.mlflow_store import KEY_NAMES_ARTIFACT, PARENT_TAG, STATUS_TAG, mlflow_key
+from segdist.tracking import StudyTracker
 from segdist.train import PICTURES_DIR
 from tests import test_tracking
 from tests.test_tracking import FakeTrial, Server, checkpoint, result, segdist_lines, steps_of, trial_config

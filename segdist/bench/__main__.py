@@ -151,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     uri = None
     if not args.no_mlflow:
-        from segdist.tracking import check_reachable, resolve_tracking_uri
+        from segdist.mlflow_store import check_reachable, resolve_tracking_uri
 
         uri = resolve_tracking_uri(args.tracking_uri)
         check_reachable(uri)  # one line and exit 2 before anything is measured

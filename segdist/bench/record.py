@@ -36,7 +36,7 @@ def log_to_mlflow(result: dict[str, Any], command: str, uri: str, machine: dict[
     the numeric figures, bench.json = the whole result. Returns the run id."""
     from mlflow.entities import Metric, Param
 
-    from segdist.tracking import client_for, get_or_create_experiment, mlflow_key
+    from segdist.mlflow_store import client_for, get_or_create_experiment, mlflow_key
 
     client = client_for(uri)  # several bench runs may open a new store at once
     experiment = get_or_create_experiment(client, BENCH_EXPERIMENT, uri)

@@ -25,9 +25,10 @@ HELP = "a study of many short trials: driver overhead per trial, peak driver mem
 DESCRIPTION = (
     "Runs a loopback study of --trials one-epoch trials (one configuration of the quick start's tiny "
     "model, one trial per seed) through segdist's driver: the seed searcher (segdist.tune.make_searcher), "
-    "Ray Tune and the MLflow callback and tracker (segdist.tracking), into a fresh sqlite store (or, "
-    "with --store server, an `mlflow server` on 127.0.0.1 over that store). Each trial is a trivial "
-    "function reporting one epoch's EpochReport, not a TorchTrainer: what is measured is the driver. "
+    "Ray Tune and the MLflow callback and tracker (segdist.mlflow_callback, segdist.tracking), into a "
+    "fresh sqlite store (or, with --store server, an `mlflow server` on 127.0.0.1 over that store). "
+    "Each trial is a trivial function reporting one epoch's EpochReport, not a TorchTrainer: what is "
+    "measured is the driver. "
     "Figures: wall_s; driver_cpu_s_per_trial (the driver process's CPU time during the study: Tune "
     "scheduling and MLflow logging); mlflow_s_per_trial (wall time inside the callback's hooks); "
     "peak_driver_rss_mb and the RSS growth from the first tenth of the trials to the end; "
@@ -109,7 +110,7 @@ def _study(trials: int, concurrent: int, shards: str):
 
 def _start_server(folder: Path) -> tuple[subprocess.Popen, str]:
     """`mlflow server` on 127.0.0.1 over a sqlite store in `folder` (its own process group)."""
-    from segdist.tracking import check_reachable
+    from segdist.mlflow_store import check_reachable
 
     with socket.socket() as sock:  # a free port
         sock.bind(("127.0.0.1", 0))
@@ -143,8 +144,8 @@ def _tune(study, tracker, storage: str, trials: int):
     """The study through Ray Tune as segdist.tune.run_study sets it up, with trivial trials."""
     import ray.tune
 
+    from segdist.mlflow_callback import MlflowTrialCallback
     from segdist.seeds import SeedScheduler
-    from segdist.tracking import MlflowTrialCallback
     from segdist.tune import expand_configs, make_searcher
 
     scheduler = SeedScheduler(expand_configs(study), study.seeds)
@@ -174,7 +175,7 @@ def _tune(study, tracker, storage: str, trials: int):
 
 def _check_store(tracker, trials: int) -> dict[str, Any]:
     """Every trial's child run, with its status tag and its epoch's metrics, in MLflow."""
-    from segdist.tracking import ROLE_TAG, STATUS_TAG, STUDY_RUN_TAG, mlflow_key
+    from segdist.mlflow_store import ROLE_TAG, STATUS_TAG, STUDY_RUN_TAG, mlflow_key
 
     runs = tracker.client.search_runs([tracker.experiment_id], max_results=50000,
                                       filter_string=f"tags.`{STUDY_RUN_TAG}` = '{tracker.parent_run_id}' "
