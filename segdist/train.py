@@ -40,7 +40,6 @@ from segdist.evaluation.sinks import ExampleCollector
 from segdist.models import build_model, describe_recipe
 from segdist.optim import apply_gradient_rules, lr_factor, lr_schedule, make_optimizer, weight_decay_at
 from segdist.recipe import EvalRecipe, TrainRecipe
-from segdist.visualize import confusion_matrix_png, overlays_png
 
 PICTURES_DIR = "evaluation"  # beside the checkpoint: the driver logs them to MLflow
 # Read the running loss (a host sync) only this often, to keep the step asynchronous.
@@ -197,6 +196,8 @@ def run_evaluation(model, loader, classes, options: StepOptions, evaluation: Eva
 
 
 def evaluation_pictures(confusion, examples, classes) -> dict[str, bytes]:
+    from segdist.visualize import confusion_matrix_png, overlays_png  # matplotlib: last epoch, rank 0 only
+
     pictures = {"confusion.png": confusion_matrix_png(confusion, classes)}
     if examples:
         pictures["overlays.png"] = overlays_png(examples, classes)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import os
 import re
@@ -42,6 +43,11 @@ RAY_JOB_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"  # set by Ray in the driver of a `ra
 # a dead task from a worker error that used up max_failures, which it retries too: an error
 # that persists costs (max_failures + 1) x (TRIAL_RETRIES + 1) attempts, so this stays at 1.
 TRIAL_RETRIES = 1
+# Tune hands a finished trial's actor (its process, with segdist, torch and Ray Train already
+# imported) to the next trial instead of starting a new one: every trial after a slot's first
+# starts that much sooner (segdist.bench ray measures it). All trials ask for the same token
+# resources, which reuse requires.
+TRIAL_ACTOR_REUSE = True
 DEFAULT_SPACE = Path(__file__).resolve().parent.parent / "tune_spaces" / "quickstart.yaml"
 SMOKE_SHARDS = ("shards/smoke/train", "shards/smoke/val")
 
@@ -229,15 +235,23 @@ def check_stores_from_nodes(study: StudyConfig, storage: str) -> None:
     check_from_nodes([storage], [f"{split.rstrip('/')}/{DATASET_JSON}" for split in sorted(splits)])
 
 
+@functools.cache
+def _num_classes(train_shards: str) -> int:
+    """The class count of a split's dataset.json, read once per driver (the searcher asks for
+    it with every trial it suggests; on object storage each read is a request)."""
+    from segdist.data.stream import read_dataset_info
+
+    return read_dataset_info(train_shards).num_classes
+
+
 def trial_params(trial: TrialConfig, storage: str) -> dict[str, Any]:
     """One Tune trial's config: the trial plus what the MLflow callback needs (its params:
     the flat recipe and the model's static facts, computed here in the driver)."""
-    from segdist.data.stream import read_dataset_info
     from segdist.train import model_facts
 
     values = dataclasses.asdict(trial)
     values["flat"] = trial.flat()
-    values["model_facts"] = model_facts(trial, read_dataset_info(trial.data.train_shards).num_classes)
+    values["model_facts"] = model_facts(trial, _num_classes(trial.data.train_shards))
     values["trial_key"] = trial_key(trial)
     return {"trial": values, "storage": storage}
 
@@ -302,8 +316,10 @@ def run_trial(params: dict[str, Any]) -> None:
         make_trainer(params, name + RESTARTED).fit()
 
 
-def make_trainer(params: dict[str, Any], name: str):
-    """The trial's TorchTrainer, its Ray Train run called `name` under params["storage"]."""
+def make_trainer(params: dict[str, Any], name: str, train_loop=None):
+    """The trial's TorchTrainer, its Ray Train run called `name` under params["storage"].
+    Each worker runs `train_loop(params)` (default: segdist.train.ray_train_loop; the bench
+    passes its own loop to time a trial's start-up as segdist runs it)."""
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
     from ray.tune.integration.ray_train import TuneReportCallback
@@ -317,8 +333,8 @@ def make_trainer(params: dict[str, Any], name: str):
     if use_gpu:
         worker_resources["GPU"] = res["gpus_per_worker"]
     return TorchTrainer(
-        ray_train_loop,
-        train_loop_config={"trial": trial},
+        train_loop or ray_train_loop,
+        train_loop_config=params,
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(
             num_workers=res["workers"], use_gpu=use_gpu, resources_per_worker=worker_resources
@@ -468,6 +484,7 @@ def run_study(study: StudyConfig, args: argparse.Namespace, tracking_uri: str, s
             search_alg=make_searcher(scheduler, storage),
             num_samples=-1,  # until the searcher says FINISHED
             max_concurrent_trials=study.max_concurrent_trials,
+            reuse_actors=TRIAL_ACTOR_REUSE,
             # The metric is ASHA's alone: set here, Tune would print the best trial's whole
             # config (every recipe field) in each status update.
             # max_t past the last epoch: a trial's own end must not be an ASHA stop.

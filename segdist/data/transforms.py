@@ -44,7 +44,6 @@ from dataclasses import dataclass
 
 import cv2  # opencv-python-headless, single-threaded (see segdist/data/__init__.py)
 import numpy as np
-from scipy import ndimage
 
 from segdist.data.classes import IGNORE_INDEX, IMAGENET_MEAN, IMAGENET_STD
 from segdist.models.variant import LABEL_MODES
@@ -273,6 +272,8 @@ def trimap(label: np.ndarray, band: str = "3x3") -> np.ndarray:
     or y = 0 (Python's [-1:1] slice is empty)."""
     if band not in TRIMAP_BANDS:
         raise ValueError(f"trimap band must be one of {TRIMAP_BANDS}, got {band!r}")
+    from scipy import ndimage  # scipy only where trimap training needs it (a worker's start-up)
+
     border = ndimage.maximum_filter(label, size=3, mode="nearest") != ndimage.minimum_filter(
         label, size=3, mode="nearest"
     )
@@ -295,6 +296,8 @@ def edgemix(label: np.ndarray, num_classes: int, radius: int = 1) -> np.ndarray:
     Void pixels contribute nothing to their neighbours and get an all-zero target; the
     other targets sum to 1.
     """
+    from scipy import ndimage  # scipy only where edgemix training needs it (a worker's start-up)
+
     size = 2 * radius + 1
     onehot = np.zeros((num_classes,) + label.shape, dtype=np.float32)
     valid = label != IGNORE_INDEX
