@@ -1,16 +1,19 @@
 """The quick start's training loop on several workers, for the `ray` and `scale` sections:
 one rank's loop (`dist_loop`) and the two ways to start the ranks, plain torch.distributed
-(`run_plain`: spawned processes, gloo, no Ray) and Ray Train (`run_ray`: TorchTrainer,
+(`run_plain`: spawned processes, gloo, no Ray) and Ray Tune + Train (`run_ray_trials`: TorchTrainer,
 Train V2, gloo). The functions handed to the processes live here, so that they are pickled
 by reference whichever module runs as __main__."""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import copy
 import dataclasses
 import json
 import os
 import shutil
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -20,36 +23,55 @@ from typing import Any
 from segdist.bench.common import bench_setup, median, quickstart_trial, run_steps
 
 
-def dist_loop(spec: dict[str, Any], rank: int, world_size: int) -> dict[str, Any]:
+def dist_loop(spec: dict[str, Any], rank: int, world_size: int, marks: dict[str, float]) -> dict[str, Any]:
     """One rank of the benchmark loop: the trial's set-up as `fit` makes it
     (segdist.train.training_setup: DDP when world_size > 1, the host flag group, the recipe's
     optimizer, schedule, L2 term and NaN rule), its epoch-0 loader (segdist.train.epoch_loader)
     cut to spec["steps"] batches, and segdist.train.train_one_epoch over them, timed. The
-    process group must already be set up (by Ray, or by _plain_worker)."""
+    process group must already be set up (by Ray, or by _plain_worker).
+
+    `marks` (wall-clock seconds, time.time(), from the caller: "entered" at least) gets the
+    start-up marks of segdist's own part: "imported" (segdist.train and its imports),
+    "dataset_opened" (dataset.json read), "model_built" (training_setup), "loader_ready"
+    (epoch_loader) and "first_batch" (the first batch handed to the step); the result
+    carries them as "mark_<name>"."""
     import torch
 
     from segdist.config import trial_from_dict
     from segdist.data.stream import read_dataset_info
     from segdist.train import epoch_loader
 
+    marks["imported"] = time.time()
     torch.set_num_threads(spec["threads"])
     trial = trial_from_dict(spec["trial"])
     info = read_dataset_info(trial.data.train_shards)
+    marks["dataset_opened"] = time.time()
     run = bench_setup(trial, info.num_classes, info.num_samples, rank=rank, world_size=world_size)
+    marks["model_built"] = time.time()
     loader = epoch_loader(trial, info, run, 0, rank=rank, world_size=world_size, batches=spec["steps"])
+    marks["loader_ready"] = time.time()
     result = run_steps(run, loader, spec["warmup"], trial.recipe.train.batch_size * world_size)
+    marks["first_batch"] = result["first_step_at"]
     result["rank"] = rank
+    result.update({f"mark_{name}": at for name, at in marks.items()})
     return result
 
 
 def _plain_worker(rank: int, world_size: int, spec: dict, rendezvous: str, queue) -> None:
+    import multiprocessing
+
     import torch.distributed as dist
 
+    marks = {"entered": time.time()}
+    # Loader processes fork, as they do under torchrun or in a Ray worker: a child of
+    # torch.multiprocessing.spawn would spawn them too (each re-importing torch and segdist).
+    multiprocessing.set_start_method("fork", force=True)
     if world_size > 1:
         # a file rendezvous: no port to pick (and to lose to another process) beforehand
         dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=world_size)
+    marks["process_group"] = time.time()
     try:
-        result = dist_loop(spec, rank, world_size)
+        result = dist_loop(spec, rank, world_size, marks)
         if world_size > 1:
             dist.barrier()  # neither rank tears down while the other still talks to it (gloo aborts)
     finally:
@@ -81,21 +103,29 @@ def run_plain(spec: dict[str, Any], world_size: int) -> dict[str, Any]:
         else:
             os.environ["OMP_NUM_THREADS"] = saved
     results = sorted((queue.get() for _ in range(world_size)), key=lambda r: r["rank"])
-    first = results[0]
+    return _run_figures(results[0], launched)
+
+
+def _run_figures(rank0: dict[str, Any], launched: float) -> dict[str, Any]:
+    """One run's figures from rank 0's dist_loop result: steady-state throughput, CPU per
+    step, the start-up (launch to the first step) and the start-up marks."""
     return {
-        "img_per_s": first["img_per_s"],
-        "data_wait_fraction": first["data_wait_fraction"],
-        "cpu_s_per_step": first["cpu_s_per_step"],
-        "startup_s": min(r["first_step_at"] for r in results) - launched,
-        "timed_steps": first["timed_steps"],
+        "img_per_s": rank0["img_per_s"],
+        "data_wait_fraction": rank0["data_wait_fraction"],
+        "cpu_s_per_step": rank0["cpu_s_per_step"],
+        "startup_s": rank0["first_step_at"] - launched,
+        "launched": launched,
+        "marks": {k[len("mark_"):]: v for k, v in rank0.items() if k.startswith("mark_")},
+        "timed_steps": rank0["timed_steps"],
     }
 
 
 def _ray_worker(config: dict) -> None:
     import ray.train
 
+    marks = {**config["spec"].get("trial_marks", {}), "entered": time.time()}
     context = ray.train.get_context()
-    result = dist_loop(config["spec"], context.get_world_rank(), context.get_world_size())
+    result = dist_loop(config["spec"], context.get_world_rank(), context.get_world_size(), marks)
     metrics = {k: v for k, v in result.items() if isinstance(v, (int, float))}
     if context.get_world_rank() != 0:
         ray.train.report(metrics)
@@ -107,32 +137,56 @@ def _ray_worker(config: dict) -> None:
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
 
 
-def run_ray(spec: dict[str, Any], world_size: int, storage: str) -> dict[str, Any]:
-    """spec's loop under Ray Train (TorchTrainer, Train V2, gloo, 1 CPU per worker) on the
-    running Ray; start-up = from trainer.fit() to the first step on rank 0."""
-    import ray.train
-    from ray.train.torch import TorchConfig, TorchTrainer
+def _ray_trial(params: dict[str, Any]) -> None:
+    """The Tune trial function: segdist.tune.run_trial's TorchTrainer (segdist.tune.make_trainer)
+    with the bench loop (_ray_worker) as its train function."""
+    trial_started = time.time()
+    from segdist.tune import make_trainer
 
-    trainer = TorchTrainer(
-        _ray_worker,
-        train_loop_config={"spec": spec},
-        torch_config=TorchConfig(backend="gloo"),
-        scaling_config=ray.train.ScalingConfig(
-            num_workers=world_size, use_gpu=False, resources_per_worker={"CPU": spec["threads"]}
-        ),
-        run_config=ray.train.RunConfig(name=f"segdist-bench-{os.getpid()}-{time.time_ns()}", storage_path=storage),
+    trainer = make_trainer(params, f"bench-{params['round']}-{time.time_ns()}", train_loop=_ray_worker)
+    marks = {"trial_started": trial_started, "trainer_built": time.time()}
+    trainer.train_loop_config["spec"] = {**params["spec"], "trial_marks": marks}
+    trainer.fit()
+
+
+def run_ray_trials(spec: dict[str, Any], world_size: int, storage: str, trials: int) -> list[dict[str, Any]]:
+    """spec's loop as `trials` Ray Tune trials one after the other, each a Ray Train run
+    (TorchTrainer, Train V2, gloo, `world_size` workers of spec["threads"] CPUs) built by
+    segdist.tune.make_trainer and run under Tune as segdist.tune.run_study runs trials
+    (the trial function asks for a token of memory; segdist.tune.TRIAL_ACTOR_REUSE). A
+    trial's launch is tuner.fit() for the first and the end of the one before for the others
+    (Tune's own time between trials included). Each result: rank 0's figures, "launched",
+    "startup_s" (launch to the first step) and "marks" (dist_loop's and the trial function's)."""
+    import ray.tune
+
+    from segdist.tune import TRIAL_ACTOR_REUSE
+
+    ends: list[float] = []
+
+    class _Ends(ray.tune.Callback):
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            ends.append(time.time())
+
+    trial = copy.deepcopy(spec["trial"])
+    trial["recipe"]["resources"].update(workers=world_size, cpus_per_worker=spec["threads"], gpus_per_worker=0)
+    trial["trial_key"] = "bench"
+    tuner = ray.tune.Tuner(
+        ray.tune.with_resources(_ray_trial, {"memory": 1}),
+        param_space={"trial": trial, "spec": spec, "storage": storage,
+                     "round": ray.tune.grid_search(list(range(trials)))},
+        tune_config=ray.tune.TuneConfig(max_concurrent_trials=1, reuse_actors=TRIAL_ACTOR_REUSE),
+        run_config=ray.tune.RunConfig(name=f"segdist-bench-{os.getpid()}-{time.time_ns()}", storage_path=storage,
+                                      callbacks=[_Ends()], verbose=0),
     )
-    launched = time.time()
-    result = trainer.fit()
-    metrics = result.metrics
-    return {
-        "img_per_s": metrics["img_per_s"],
-        "data_wait_fraction": metrics["data_wait_fraction"],
-        "cpu_s_per_step": metrics["cpu_s_per_step"],
-        "startup_s": metrics["first_step_at"] - launched,
-        "fit_s": time.time() - launched,
-        "timed_steps": metrics["timed_steps"],
-    }
+    started = time.time()
+    with contextlib.redirect_stdout(sys.stderr):  # Tune's experiment box: stdout is the bench's figures
+        results = tuner.fit()
+    runs = []
+    for result in sorted(results, key=lambda r: r.config["round"]):
+        if result.error is not None:
+            raise RuntimeError(f"bench trial failed: {result.error}")
+        runs.append(_run_figures(result.metrics, started if not runs else ends[len(runs) - 1]))
+    return runs
 
 
 def dist_spec(args, shards: str) -> dict[str, Any]:
