@@ -93,7 +93,8 @@ def task_events(since: float) -> list[dict[str, Any]]:
 
 
 def breakdown_table(rows: dict[str, dict[str, float]]) -> str:
-    """A text table, phases down and runs across: rows = {run name: {phase: seconds}}."""
+    """A text table, phases down and runs across, and their sums: rows = {run name: {phase:
+    seconds}} (for medians over rounds, the sum of the medians, not the median start-up)."""
     names = list(rows)
     known = [phase for phase, _ in PLAIN_MARKS[:1] + RAY_MARKS]
     seen = {phase for values in rows.values() for phase in values}
@@ -102,5 +103,5 @@ def breakdown_table(rows: dict[str, dict[str, float]]) -> str:
     for phase in order:
         cells = "".join(f"{rows[n][phase]:>14.2f}" if phase in rows[n] else f"{'-':>14}" for n in names)
         lines.append(f"{phase:<18}{cells}")
-    lines.append(f"{'total':<18}" + "".join(f"{sum(rows[n].values()):>14.2f}" for n in names))
+    lines.append(f"{'sum':<18}" + "".join(f"{sum(rows[n].values()):>14.2f}" for n in names))
     return "\n".join(lines)
