@@ -38,14 +38,26 @@ def connect_ray(address: str | None) -> None:
         address = os.environ["RAY_ADDRESS"]
     if not address:
         # The dashboard (on 127.0.0.1) serves the State API that Ray Train's placement-group
-        # cleaner needs: without it, a trial stopped early (ASHA) leaks its CPUs for good.
-        ray.init(address="local", include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=True)
+        # cleaner needs: without it, a trial stopped early (ASHA) leaks its CPUs for good. The
+        # cleaner looks for it by itself ('auto'), which fails while another Ray runs on this
+        # machine ("Found multiple active Ray instances"): every process of this Ray is told.
+        port = free_port()
+        ray.init(address="local", include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=port,
+                 log_to_driver=True,
+                 runtime_env={"env_vars": {"RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}"}})
         return
     probe_cluster(address)
     try:
         ray.init(address=address, log_to_driver=True)
     except ConnectionError as err:
         raise SegdistError(f"Ray cluster at {address}: {first_line(err)}") from None
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now (the OS picks it)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def ray_logs_dir() -> str:

@@ -48,18 +48,24 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workers", type=int, default=2)
 
 
-def _start_ray(workers: int, threads: int) -> float:
+def _start_ray(workers: int, threads: int) -> tuple[float, str]:
+    """A local Ray for the section: (seconds ray.init took, its dashboard's URL)."""
     import ray
+
+    from segdist.cluster import free_port
 
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     started = time.perf_counter()
     # Enough logical CPUs for the workers even on a machine with fewer cores (the plain
     # runner oversubscribes the same way); both runners get the same processes and threads.
     # The dashboard (127.0.0.1) serves the State API that Train's placement-group cleaner
-    # asks whether the controller is alive (as segdist.tune starts a local Ray).
+    # asks whether the controller is alive and the start-up breakdown reads task events from
+    # (as segdist.cluster.connect_ray starts a local Ray: told where, whatever else runs here).
+    dashboard = f"http://127.0.0.1:{free_port()}"
     ray.init(num_cpus=max(os.cpu_count() or 1, workers * threads), include_dashboard=True,
-             dashboard_host="127.0.0.1", log_to_driver=False, configure_logging=False)
-    return time.perf_counter() - started
+             dashboard_host="127.0.0.1", dashboard_port=int(dashboard.rsplit(":", 1)[1]), log_to_driver=False,
+             configure_logging=False, runtime_env={"env_vars": {"RAY_API_SERVER_ADDRESS": dashboard}})
+    return time.perf_counter() - started, dashboard
 
 
 def _startup_figures(kind: str, runs: list[dict]) -> dict[str, float]:
@@ -87,14 +93,14 @@ def run(args) -> dict:
 
     with tempfile.TemporaryDirectory(dir=args.work_dir) as tmp:
         spec = dist_spec(args, synthetic_shards(tmp, args.samples, 96, 128))
-        ray_init_s = _start_ray(args.workers, spec["threads"])
+        ray_init_s, dashboard = _start_ray(args.workers, spec["threads"])
         plain, first, following = [], [], []
         try:
             for _ in range(args.rounds):
                 plain.append(run_plain(spec, args.workers))
                 since = time.time()
                 trials = run_ray_trials(spec, args.workers, os.path.join(tmp, "ray_results"), trials=2)
-                events = task_events(since)
+                events = task_events(since, dashboard)
                 for trial in trials:
                     trial["marks"] = ray_marks(trial["launched"], trial["marks"], events)
                 first.append(trials[0])

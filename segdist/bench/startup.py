@@ -71,14 +71,15 @@ def _finished(events: list[dict[str, Any]], name: str) -> float | None:
     return max(ends) if ends else None
 
 
-def task_events(since: float) -> list[dict[str, Any]]:
+def task_events(since: float, dashboard: str) -> list[dict[str, Any]]:
     """Ray's task events since `since` (seconds), one dict per task: name, submitted, running,
-    finished (seconds; None when not recorded). Needs the dashboard (the State API); an empty
-    list when it does not answer."""
+    finished (seconds; None when not recorded), from the State API of the dashboard at
+    `dashboard` (http://HOST:PORT); an empty list when it does not answer."""
     from ray.util.state import list_tasks
 
     try:
-        tasks = list_tasks(detail=True, limit=10_000, raise_on_missing_output=False, timeout=30)
+        tasks = list_tasks(address=dashboard, detail=True, limit=10_000, raise_on_missing_output=False,
+                           timeout=30)
     except Exception:  # noqa: BLE001 - the breakdown then keeps segdist's marks only
         return []
     out = []

@@ -12,7 +12,6 @@ import os
 import resource
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -110,11 +109,10 @@ def _study(trials: int, concurrent: int, shards: str):
 
 def _start_server(folder: Path) -> tuple[subprocess.Popen, str]:
     """`mlflow server` on 127.0.0.1 over a sqlite store in `folder` (its own process group)."""
+    from segdist.cluster import free_port
     from segdist.mlflow_store import check_reachable
 
-    with socket.socket() as sock:  # a free port
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     process = subprocess.Popen(
         [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
          "--backend-store-uri", f"sqlite:///{folder / 'server.db'}", "--artifacts-destination", str(folder / "art")],

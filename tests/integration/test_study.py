@@ -65,11 +65,15 @@ def assert_study_recorded(client: MlflowClient):
     assert "| naked |" in table and "| 2 |" in table
 
 
-def test_tiny_study_on_local_ray_is_recorded_in_mlflow(tmp_path, tiny_shards):
+def test_tiny_study_on_local_ray_is_recorded_in_mlflow(tmp_path, tiny_shards, loopback_cluster):
     space = write_study(tmp_path / "tiny.yaml", *tiny_shards)
+    # Another Ray on this machine: the study starts its own, and Ray Train's placement-group
+    # cleaner must still find that one's State API (not fail on "multiple active Ray instances").
+    loopback_cluster.start_head()
     result = run_cli(["segdist.tune", "--space", str(space)], cwd=tmp_path)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     console = result.stdout + result.stderr
+    assert "multiple active Ray instances" not in console and "Failed to query Ray Train" not in console
     # Readable (issue 18): no per-worker report dumps, no best-trial line with the whole config.
     assert "Reporting training result" not in console and "Current best trial" not in console
     assert "Ray's logs (each worker's output, Ray Train's reports): /" in console
