@@ -28,6 +28,39 @@ def start_tune(space: Path, cwd: Path, *extra: str, env=None) -> subprocess.Pope
     return process
 
 
+def kill_driver(process: subprocess.Popen, timeout: float = 60) -> None:
+    """SIGKILL the driver's process group and every process it started (the local Ray's
+    daemons and workers, not all of them in its group), by PID, and wait until they are gone:
+    a Ray Train worker that outlived its driver by a second could still write a checkpoint
+    after the test looked at the storage."""
+    tree = descendants(process.pid)
+    os.killpg(process.pid, signal.SIGKILL)
+    for pid in tree:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    process.wait(timeout=timeout)
+    deadline = time.time() + timeout
+    while any(_alive(pid) for pid in tree) and time.time() < deadline:
+        time.sleep(0.2)
+
+
+def descendants(pid: int) -> list[int]:
+    """The processes that descend from `pid` (children, their children, ...), from /proc."""
+    from tests.conftest import ancestors
+
+    return [int(e.name) for e in Path("/proc").iterdir() if e.name.isdigit() and pid in ancestors(int(e.name))]
+
+
+def _alive(pid: int) -> bool:
+    """Whether `pid` runs (a zombie, killed and waiting for its parent, does not)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
 def driver_output(process: subprocess.Popen) -> str:
     return process.log.read_text(errors="replace")
 

@@ -5,9 +5,7 @@ continue the running one, make no second run of any trial and log every epoch on
 issue-17 case: a study that finished in Ray but whose last trial's status, and the study's
 end, never reached MLflow."""
 
-import os
 import shutil
-import signal
 import subprocess
 import time
 from pathlib import Path
@@ -16,7 +14,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from tests.conftest import write_study
-from tests.integration.driver import finish, start_tune, steps, trial_runs
+from tests.integration.driver import finish, kill_driver, start_tune, steps, trial_runs
 
 pytestmark = pytest.mark.integration
 
@@ -33,8 +31,7 @@ def kill_when(process: subprocess.Popen, client: MlflowClient, ended: int, timeo
         done = [r for r in runs if "segdist.status" in r.data.tags]
         running = [r for r in runs if "segdist.status" not in r.data.tags and steps(client, r)]
         if len(done) >= ended and running:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait(timeout=60)
+            kill_driver(process)
             return done
         time.sleep(0.5)
     code, output = finish(process, timeout=1)
