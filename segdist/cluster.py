@@ -37,20 +37,29 @@ def connect_ray(address: str | None) -> None:
     if os.environ.get("RAY_ADDRESS") and address in (None, "auto"):
         address = os.environ["RAY_ADDRESS"]
     if not address:
-        # The dashboard (on 127.0.0.1) serves the State API that Ray Train's placement-group
-        # cleaner needs: without it, a trial stopped early (ASHA) leaks its CPUs for good. The
-        # cleaner looks for it by itself ('auto'), which fails while another Ray runs on this
-        # machine ("Found multiple active Ray instances"): every process of this Ray is told.
-        port = free_port()
-        ray.init(address="local", include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=port,
-                 log_to_driver=True,
-                 runtime_env={"env_vars": {"RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}"}})
+        start_local_ray(log_to_driver=True)
         return
     probe_cluster(address)
     try:
         ray.init(address=address, log_to_driver=True)
     except ConnectionError as err:
         raise SegdistError(f"Ray cluster at {address}: {first_line(err)}") from None
+
+
+def start_local_ray(**init_args) -> str:
+    """Start a new local Ray (ray.init(address="local", **init_args)) with its dashboard on a
+    free 127.0.0.1 port; returns the dashboard's URL. The dashboard serves the State API that
+    Ray Train's placement-group cleaner needs: without it, a trial stopped early (ASHA) leaks
+    its CPUs for good. The cleaner looks for it by itself ('auto'), which fails while another
+    Ray runs on this machine ("Found multiple active Ray instances"), so every process of this
+    Ray is told where it is (RAY_API_SERVER_ADDRESS in the job's runtime env)."""
+    import ray
+
+    dashboard = f"http://127.0.0.1:{free_port()}"
+    ray.init(address="local", include_dashboard=True, dashboard_host="127.0.0.1",
+             dashboard_port=int(dashboard.rsplit(":", 1)[1]),
+             runtime_env={"env_vars": {"RAY_API_SERVER_ADDRESS": dashboard}}, **init_args)
+    return dashboard
 
 
 def free_port() -> int:

@@ -16,6 +16,7 @@ import pytest
 import torch
 import yaml
 
+from segdist.cluster import free_port  # one picker of free ports, for segdist and the tests
 from segdist.data.synthetic import write_synthetic_voc
 
 torch.set_num_threads(1)
@@ -27,12 +28,6 @@ def pytest_collection_modifyitems(config, items):
 
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="session")

@@ -49,22 +49,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _start_ray(workers: int, threads: int) -> tuple[float, str]:
-    """A local Ray for the section: (seconds ray.init took, its dashboard's URL)."""
-    import ray
-
-    from segdist.cluster import free_port
+    """A local Ray for the section (segdist.cluster.start_local_ray, as segdist.tune starts
+    one): (seconds ray.init took, its dashboard's URL, whose State API serves the task events)."""
+    from segdist.cluster import start_local_ray
 
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     started = time.perf_counter()
     # Enough logical CPUs for the workers even on a machine with fewer cores (the plain
     # runner oversubscribes the same way); both runners get the same processes and threads.
-    # The dashboard (127.0.0.1) serves the State API that Train's placement-group cleaner
-    # asks whether the controller is alive and the start-up breakdown reads task events from
-    # (as segdist.cluster.connect_ray starts a local Ray: told where, whatever else runs here).
-    dashboard = f"http://127.0.0.1:{free_port()}"
-    ray.init(num_cpus=max(os.cpu_count() or 1, workers * threads), include_dashboard=True,
-             dashboard_host="127.0.0.1", dashboard_port=int(dashboard.rsplit(":", 1)[1]), log_to_driver=False,
-             configure_logging=False, runtime_env={"env_vars": {"RAY_API_SERVER_ADDRESS": dashboard}})
+    dashboard = start_local_ray(num_cpus=max(os.cpu_count() or 1, workers * threads), log_to_driver=False,
+                                configure_logging=False)
     return time.perf_counter() - started, dashboard
 
 

@@ -144,8 +144,8 @@ def _ray_trial(params: dict[str, Any]) -> None:
     from segdist.tune import make_trainer
 
     trainer = make_trainer(params, f"bench-{params['round']}-{time.time_ns()}", train_loop=_ray_worker)
-    marks = {"trial_started": trial_started, "trainer_built": time.time()}
-    trainer.train_loop_config["spec"] = {**params["spec"], "trial_marks": marks}
+    # the workers' config is `params` itself (make_trainer): they get the marks taken here
+    params["spec"] = {**params["spec"], "trial_marks": {"trial_started": trial_started, "trainer_built": time.time()}}
     trainer.fit()
 
 
